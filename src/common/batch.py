@@ -1,0 +1,196 @@
+"""Build the distillation batch from what the rollout produced.
+
+The rollout (verl's agent loop) emits, per sample, the prompt ids, the response ids with model and tool
+tokens interleaved, and ``response_mask`` (1 = model-generated, 0 = tool output or padding). The student
+is trained on exactly those tokens: the sequence fed to both models is ``prompt + response`` verbatim,
+and only positions with ``response_mask == 1`` enter the loss.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+class OverlengthError(ValueError):
+    """A sample is longer than ``opd.max_length`` and the policy is 'error'."""
+
+
+@dataclass
+class OPDBatch:
+    """Samples ready for the teacher and student forwards (no padding anywhere)."""
+
+    input_ids: list[torch.Tensor]
+    """Per sample ``[L_i]`` long: prompt followed by response."""
+
+    prompt_lengths: torch.Tensor
+    """``[B]`` long: where each response starts inside ``input_ids``."""
+
+    loss_mask: list[torch.Tensor]
+    """Per sample ``[R_i]`` float32: 1 where the response token is in the loss (model tokens only)."""
+
+    sample_weights: torch.Tensor
+    """``[B]`` float32: reward weights (1 when reward weighting is off)."""
+
+    num_truncated: int = 0
+    """Samples whose response tail was cut to fit ``max_length``."""
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def response_lengths(self) -> torch.Tensor:
+        """``[B]`` long."""
+        return torch.tensor([m.numel() for m in self.loss_mask], dtype=torch.long)
+
+    def num_loss_tokens(self) -> int:
+        """Response tokens that count in the loss."""
+        return int(sum(m.sum().item() for m in self.loss_mask))
+
+    def select(self, rows: Sequence[int]) -> OPDBatch:
+        """A sub-batch with the given rows (used to split into micro-batches)."""
+        rows = list(rows)
+        return OPDBatch(
+            input_ids=[self.input_ids[r] for r in rows],
+            prompt_lengths=self.prompt_lengths[rows],
+            loss_mask=[self.loss_mask[r] for r in rows],
+            sample_weights=self.sample_weights[rows],
+            num_truncated=0,
+        )
+
+    def zero_weight_copy(self) -> OPDBatch:
+        """Same shapes, nothing in the loss: lets a rank run a collective-matching no-op micro-batch."""
+        out = self.select(range(len(self)))
+        out.loss_mask = [torch.zeros_like(m) for m in out.loss_mask]
+        return out
+
+
+def build_opd_batch(
+    responses: Sequence[torch.Tensor],
+    response_mask: Sequence[torch.Tensor],
+    *,
+    prompts: Sequence[torch.Tensor] | None = None,
+    raw_prompts: Sequence[list[dict]] | None = None,
+    tokenizer=None,
+    rollout_n: int = 1,
+    max_length: int | None = None,
+    overlength: str = "truncate",
+    sample_weights: torch.Tensor | None = None,
+) -> OPDBatch:
+    """Assemble :class:`OPDBatch` from pre-tokenized prompts (preferred) or raw chat prompts.
+
+    Args:
+        responses: per sample ``[R_i]`` token ids, model and tool tokens interleaved, kept verbatim.
+        response_mask: per sample ``[R_i]``, 1 = model token (in the loss), 0 = tool output / padding.
+        prompts: per prompt ``[P_i]`` token ids exactly as the rollout saw them.
+        raw_prompts: chat messages per prompt, used only when ``prompts`` is None; templated with
+            ``add_generation_prompt=True`` and never re-applied to the response, so tool tokens stay.
+        rollout_n: responses per prompt. When there are ``n`` times more responses than prompts,
+            prompt ``k`` is repeated for responses ``k*n .. k*n+n-1``.
+        max_length: cap on prompt + response tokens.
+        overlength: 'truncate' cuts the response tail (counted in ``num_truncated`` and logged);
+            'error' raises :class:`OverlengthError`.
+        sample_weights: ``[B]`` per-sample loss weights; defaults to ones.
+    """
+    prompt_ids = _resolve_prompts(prompts, raw_prompts, tokenizer)
+    prompt_ids = _repeat_prompts(prompt_ids, len(responses), rollout_n)
+    if len(response_mask) != len(responses):
+        raise ValueError(f"{len(responses)} responses but {len(response_mask)} response masks")
+
+    input_ids, loss_masks, truncated = [], [], 0
+    for index, (prompt, response, mask) in enumerate(zip(prompt_ids, responses, response_mask, strict=True)):
+        if response.numel() != mask.numel():
+            raise ValueError(f"sample {index}: response has {response.numel()} tokens, mask {mask.numel()}")
+        if prompt.numel() == 0:
+            raise ValueError(f"sample {index}: empty prompt (the first response token needs a prefix)")
+        keep = _kept_response_length(index, prompt.numel(), response.numel(), max_length, overlength)
+        truncated += keep < response.numel()
+        input_ids.append(torch.cat([prompt.long(), response[:keep].long()]))
+        loss_masks.append(mask[:keep].to(torch.float32))
+
+    if truncated:
+        logger.warning("opd: truncated the response tail of %d sample(s) to max_length=%s", truncated, max_length)
+    weights = torch.ones(len(responses)) if sample_weights is None else sample_weights.to(torch.float32)
+    if weights.shape != (len(responses),):
+        raise ValueError(f"sample_weights has shape {tuple(weights.shape)}, expected ({len(responses)},)")
+    return OPDBatch(
+        input_ids=input_ids,
+        prompt_lengths=torch.tensor([p.numel() for p in prompt_ids], dtype=torch.long),
+        loss_mask=loss_masks,
+        sample_weights=weights,
+        num_truncated=truncated,
+    )
+
+
+def _resolve_prompts(prompts, raw_prompts, tokenizer) -> list[torch.Tensor]:
+    if prompts is not None:
+        return [torch.as_tensor(p, dtype=torch.long) for p in prompts]
+    if raw_prompts is None:
+        raise ValueError("build_opd_batch needs pre-tokenized prompts or raw_prompts")
+    if tokenizer is None:
+        raise ValueError("the raw-prompt fallback needs a tokenizer to apply the chat template")
+    return [
+        torch.as_tensor(chat_prompt_ids(tokenizer, messages), dtype=torch.long) for messages in raw_prompts
+    ]
+
+
+def chat_prompt_ids(tokenizer, messages, **template_kwargs) -> list[int]:
+    """Token ids of a chat prompt ending with the assistant header, as the rollout templates it."""
+    ids = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True, **template_kwargs)
+    # transformers 5 returns a BatchEncoding here; older versions a plain list
+    return list(ids["input_ids"]) if hasattr(ids, "keys") else list(ids)
+
+
+def _repeat_prompts(prompt_ids: list[torch.Tensor], num_responses: int, rollout_n: int) -> list[torch.Tensor]:
+    if len(prompt_ids) == num_responses:
+        return prompt_ids
+    if len(prompt_ids) * rollout_n == num_responses:
+        return [p for p in prompt_ids for _ in range(rollout_n)]
+    raise ValueError(
+        f"{len(prompt_ids)} prompts do not match {num_responses} responses (rollout.n={rollout_n})"
+    )
+
+
+def _kept_response_length(index: int, prompt_len: int, response_len: int, max_length, overlength) -> int:
+    if max_length is None or prompt_len + response_len <= max_length:
+        return response_len
+    if overlength == "error":
+        raise OverlengthError(
+            f"sample {index}: prompt {prompt_len} + response {response_len} tokens exceed "
+            f"opd.max_length={max_length} (set opd.overlength=truncate to cut the tail instead)"
+        )
+    if prompt_len >= max_length:
+        raise OverlengthError(f"sample {index}: the prompt alone ({prompt_len}) reaches opd.max_length={max_length}")
+    return max_length - prompt_len
+
+
+def response_logit_rows(batch: OPDBatch) -> torch.Tensor:
+    """Rows of the packed ``[sum L_i, V]`` logits that predict each response token.
+
+    The logit at position ``t`` predicts token ``t + 1``, so response token ``j`` of sample ``i`` is
+    predicted by packed row ``offset_i + P_i - 1 + j``. Returns ``[sum R_i]`` long, in sample order.
+    """
+    rows, offset = [], 0
+    for ids, prompt_len, mask in zip(batch.input_ids, batch.prompt_lengths.tolist(), batch.loss_mask, strict=True):
+        start = offset + prompt_len - 1
+        rows.append(torch.arange(start, start + mask.numel(), dtype=torch.long))
+        offset += ids.numel()
+    return torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long)
+
+
+def response_token_ids(batch: OPDBatch) -> torch.Tensor:
+    """``[sum R_i]`` long: the response tokens, aligned with :func:`response_logit_rows`."""
+    parts = [ids[p:] for ids, p in zip(batch.input_ids, batch.prompt_lengths.tolist(), strict=True)]
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+
+
+def micro_batch_rows(batch_size: int, micro_batch_size: int) -> list[range]:
+    """Consecutive row ranges of at most ``micro_batch_size`` rows."""
+    if micro_batch_size <= 0:
+        raise ValueError(f"micro_batch_size must be > 0, got {micro_batch_size}")
+    return [range(s, min(s + micro_batch_size, batch_size)) for s in range(0, batch_size, micro_batch_size)]

@@ -1,0 +1,99 @@
+"""The ``opd:`` block of the trainer config: typed, documented, validated before any model loads."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+OVERLENGTH_POLICIES = ("truncate", "error")
+
+
+class OPDConfigError(ValueError):
+    """A bad ``opd.*`` value; the message names the key."""
+
+
+@dataclass
+class OPDConfig:
+    """On-policy distillation settings (hydra key ``opd``)."""
+
+    teacher_model_path: str | None = None
+    """Folder of the frozen teacher (HF format). Its own tokenizer is read from the same folder."""
+
+    loss_type: str = "reverse_kl"
+    """Name of a divergence in ``opd.losses.LOSS_REGISTRY`` (reverse_kl, forward_kl, jsd, ...)."""
+
+    beta: float = 0.5
+    """Mixing weight of the generalised JSD, strictly between 0 and 1 (m = beta*q + (1-beta)*p)."""
+
+    chunk_size: int = 1024
+    """Tokens per chunk of the full-vocabulary loss: bounds its float32 intermediates to [chunk, V]."""
+
+    max_length: int | None = None
+    """Cap on prompt + response tokens per sample; null means max_prompt_length + max_response_length."""
+
+    overlength: str = "truncate"
+    """What to do with a longer sample: 'truncate' (response tail cut, counted and logged) or 'error'."""
+
+    reward_beta: float | None = None
+    """Temperature of reward weighting exp(r / reward_beta), normalised over the whole batch; null = off."""
+
+    temperature: float = 1.0
+    """Temperature applied to BOTH teacher and student logits in the distillation loss."""
+
+    val_num_prompts: int = 16
+    """Held-out prompts (first of the validation set) for the val-opd/* metrics; 0 disables them."""
+
+    val_max_new_tokens: int = 64
+    """Tokens the student samples (and the teacher answers greedily) per held-out prompt."""
+
+    val_seed: int = 1234
+    """Sampling seed of the held-out evaluation, fixed so before/after numbers are comparable."""
+
+    plot: bool = True
+    """Write a PNG of the training curves into the run's output folder at the end."""
+
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Free-form settings for losses registered outside this project."""
+
+    def validate(self) -> OPDConfig:
+        """Raise :class:`OPDConfigError` naming the first bad key; return self for chaining."""
+        from opd.losses import LOSS_REGISTRY
+
+        if not self.teacher_model_path:
+            raise OPDConfigError("opd.teacher_model_path is required (set TEACHER_MODEL_PATH)")
+        if not os.path.isdir(os.path.expanduser(self.teacher_model_path)):
+            raise OPDConfigError(f"opd.teacher_model_path: no such folder: {self.teacher_model_path}")
+        if self.loss_type not in LOSS_REGISTRY:
+            raise OPDConfigError(
+                f"opd.loss_type: unknown loss {self.loss_type!r}; choose one of {sorted(LOSS_REGISTRY)}"
+            )
+        if not 0.0 < self.beta < 1.0:
+            raise OPDConfigError(f"opd.beta must be strictly between 0 and 1, got {self.beta}")
+        _require_positive("opd.chunk_size", self.chunk_size)
+        _require_positive("opd.temperature", self.temperature)
+        if self.max_length is not None:
+            _require_positive("opd.max_length", self.max_length)
+        if self.overlength not in OVERLENGTH_POLICIES:
+            raise OPDConfigError(f"opd.overlength must be one of {OVERLENGTH_POLICIES}, got {self.overlength!r}")
+        if self.reward_beta is not None:
+            _require_positive("opd.reward_beta", self.reward_beta)
+        if self.val_num_prompts < 0:
+            raise OPDConfigError(f"opd.val_num_prompts must be >= 0, got {self.val_num_prompts}")
+        _require_positive("opd.val_max_new_tokens", self.val_max_new_tokens)
+        return self
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> OPDConfig:
+        """Build from a plain mapping, rejecting keys this dataclass does not know."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise OPDConfigError(f"unknown key(s) opd.{', opd.'.join(unknown)}; known keys: {sorted(known)}")
+        return cls(**values)
+
+
+def _require_positive(key: str, value: float) -> None:
+    if value is None or value <= 0:
+        raise OPDConfigError(f"{key} must be > 0, got {value}")

@@ -1,0 +1,107 @@
+"""Held-out distillation metrics, computed inside the worker with the training engines.
+
+* ``val-opd/reverse_kl``: the student samples its own answers to fixed prompts (fixed seed); the exact
+  full-vocabulary KL(student || teacher) per token, averaged over those tokens.
+* ``val-opd/teacher_answer_nll``: the student's negative log-likelihood per token of the teacher's own
+  greedy answers. A student that "reduces" its KL by collapsing (whitespace, repeated digits) makes this
+  rise, so it is printed beside the KL.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from common.batch import OPDBatch, build_opd_batch, micro_batch_rows, response_token_ids
+from opd.config import OPDConfig
+from opd.devices import current_device
+from opd.losses import chunked_distill_loss
+from opd.model_forward import response_logits
+from opd.teacher import run_teacher_phase
+
+_MICRO_BATCH = 4
+
+
+@torch.no_grad()
+def evaluate_held_out(student, teacher, prompts, *, config: OPDConfig, eos_token_id, pad_token_id) -> dict:
+    """Return ``val-opd/reverse_kl``, ``val-opd/forward_kl`` and ``val-opd/teacher_answer_nll``."""
+    student_answers = _generate(student, prompts, config, eos_token_id, pad_token_id, sample=True)
+    teacher_answers = _generate(teacher, prompts, config, eos_token_id, pad_token_id, sample=False)
+    own = _split(_answer_batch(prompts, student_answers))
+    teachers = _split(_answer_batch(prompts, teacher_answers))
+    cache = run_teacher_phase(teacher, own + teachers, pad_token_id=pad_token_id).logits
+
+    reverse = _divergence_sums(student, own, cache[: len(own)], "reverse_kl", config, pad_token_id)
+    forward = _divergence_sums(student, teachers, cache[len(own) :], "forward_kl", config, pad_token_id)
+    return {
+        "val-opd/reverse_kl": reverse["divergence"] / max(reverse["tokens"], 1.0),
+        "val-opd/forward_kl": forward["divergence"] / max(forward["tokens"], 1.0),
+        "val-opd/teacher_answer_nll": forward["nll"] / max(forward["tokens"], 1.0),
+        "val-opd/student_answer_tokens": reverse["tokens"] / max(len(prompts), 1),
+    }
+
+
+def _generate(engine, prompts, config, eos_token_id, pad_token_id, *, sample: bool) -> list[torch.Tensor]:
+    """Answers up to and including the first eos; left-padded batched generation with a fixed seed."""
+    device = current_device()
+    width = max(p.numel() for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, width - prompt.numel() :] = prompt
+        attention_mask[row, width - prompt.numel() :] = 1
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(config.val_seed)
+    with engine.eval_mode():
+        output = engine.module.generate(
+            input_ids=input_ids.to(device),
+            attention_mask=attention_mask.to(device),
+            do_sample=sample,
+            temperature=config.temperature if sample else None,
+            top_k=0 if sample else None,
+            top_p=1.0 if sample else None,
+            max_new_tokens=config.val_max_new_tokens,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+            use_cache=True,
+            synced_gpus=dist.is_initialized() and dist.get_world_size() > 1,
+        )
+    torch.random.set_rng_state(generator_state)
+    return [_cut_after_eos(row[width:].cpu(), eos_token_id) for row in output]
+
+
+def _cut_after_eos(tokens: torch.Tensor, eos_token_id: int) -> torch.Tensor:
+    hits = (tokens == eos_token_id).nonzero()
+    return tokens[: int(hits[0]) + 1] if hits.numel() else tokens
+
+
+def _answer_batch(prompts, answers) -> OPDBatch:
+    # an empty answer still needs one position; it is masked out
+    answers = [a if a.numel() else torch.zeros(1, dtype=torch.long) for a in answers]
+    masks = [torch.ones(a.numel()) if a.numel() else torch.zeros(1) for a in answers]
+    return build_opd_batch(responses=answers, response_mask=masks, prompts=prompts)
+
+
+def _split(batch: OPDBatch) -> list[OPDBatch]:
+    return [batch.select(rows) for rows in micro_batch_rows(len(batch), _MICRO_BATCH)]
+
+
+def _divergence_sums(student, micro_batches, cached, loss_type, config, pad_token_id) -> dict[str, float]:
+    device = current_device()
+    sums = {"divergence": 0.0, "nll": 0.0, "tokens": 0.0}
+    with student.eval_mode():
+        for micro_batch, teacher_logits in zip(micro_batches, cached, strict=True):
+            mask = torch.cat(micro_batch.loss_mask).to(device)
+            _, stats = chunked_distill_loss(
+                response_logits(student, micro_batch, pad_token_id=pad_token_id),
+                teacher_logits.to(device),
+                response_token_ids(micro_batch).to(device),
+                mask,
+                loss_type=loss_type,
+                chunk_size=config.chunk_size,
+                temperature=config.temperature,
+            )
+            sums["divergence"] += float(torch.where(mask.bool(), stats.divergence, 0.0).sum())
+            sums["nll"] += float(torch.where(mask.bool(), -stats.student_logp, 0.0).sum())
+            sums["tokens"] += float(mask.sum())
+    return sums

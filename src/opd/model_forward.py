@@ -1,0 +1,70 @@
+"""One forward of a verl FSDP engine's model, returning logits at response positions only.
+
+Teacher and student go through this same function, so both see identical inputs (remove-padding
+packing, position ids) and the cached teacher rows line up with the student rows one to one.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+from tensordict import TensorDict
+
+from common.batch import OPDBatch, response_logit_rows
+from opd.devices import current_device
+
+
+def engine_inputs(batch: OPDBatch, *, use_remove_padding: bool, pad_token_id: int) -> TensorDict:
+    """The micro-batch in verl's no-padding layout (jagged ``input_ids`` / ``position_ids``).
+
+    Positions restart at 0 for every sample, as in rollout: no sample has padding inside it.
+    """
+    from verl.utils import tensordict_utils as tu
+
+    ids = torch.nested.as_nested_tensor(batch.input_ids, layout=torch.jagged)
+    positions = torch.nested.as_nested_tensor(
+        [torch.arange(t.numel(), dtype=torch.long) for t in batch.input_ids], layout=torch.jagged
+    )
+    data = TensorDict({"input_ids": ids, "position_ids": positions}, batch_size=[len(batch)])
+    tu.assign_non_tensor(
+        data,
+        use_remove_padding=use_remove_padding,
+        use_fused_kernels=False,
+        pad_token_id=pad_token_id,
+        temperature=1.0,
+    )
+    return data
+
+
+def response_logits(engine, batch: OPDBatch, *, pad_token_id: int) -> torch.Tensor:
+    """Raw (T = 1) logits that predict every response token: ``[sum R_i, V]``.
+
+    With remove-padding the packed hidden states are cut to the response rows before the output head
+    (``logits_to_keep``), so prompt positions never cost a ``[*, V]`` tensor.
+    """
+    use_rmpad = bool(engine.model_config.use_remove_padding)
+    data = engine_inputs(batch, use_remove_padding=use_rmpad, pad_token_id=pad_token_id)
+    device = current_device()
+    data = data.to(device)
+    model_inputs, _ = engine.prepare_model_inputs(data)
+    rows = response_logit_rows(batch).to(device)
+    autocast_dtype = getattr(engine, "_autocast_dtype", torch.bfloat16)
+    autocast = (
+        nullcontext()
+        if autocast_dtype == torch.float32
+        else torch.autocast(device_type=device.type, dtype=autocast_dtype)
+    )
+    with autocast:
+        if use_rmpad:
+            return engine.module(**model_inputs, use_cache=False, logits_to_keep=rows).logits.squeeze(0)
+        logits = engine.module(**model_inputs, use_cache=False).logits
+    return logits.reshape(-1, logits.shape[-1]).index_select(0, _padded_rows(batch, logits.shape[1], device))
+
+
+def _padded_rows(batch: OPDBatch, width: int, device) -> torch.Tensor:
+    rows = []
+    for sample, (prompt_len, mask) in enumerate(zip(batch.prompt_lengths.tolist(), batch.loss_mask, strict=True)):
+        start = sample * width + prompt_len - 1
+        rows.append(torch.arange(start, start + mask.numel(), dtype=torch.long))
+    return torch.cat(rows).to(device)

@@ -1,0 +1,80 @@
+"""Teacher/student compatibility: every token id must mean the same thing on both sides.
+
+Distillation compares the two next-token distributions id by id, so the tokenizers must agree on every
+id the student can produce. Output heads may be padded past the tokenizer (Qwen2.5-7B has 152064 rows,
+Qwen2.5-1.5B 151936): those extra rows carry no token and are ignored by the losses, which work on the
+shared first ``min(V_student, V_teacher)`` rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from opd.config import OPDConfigError
+
+
+@dataclass(frozen=True)
+class VocabPairing:
+    """What the compatibility check found."""
+
+    tokenizer_size: int
+    """Number of token ids the tokenizers define (identical on both sides)."""
+
+    student_rows: int
+    """Rows of the student's output head."""
+
+    teacher_rows: int
+    """Rows of the teacher's output head."""
+
+    @property
+    def shared_rows(self) -> int:
+        """Rows the losses compare: the common prefix of both output heads."""
+        return min(self.student_rows, self.teacher_rows)
+
+
+def check_pairing(student_path: str, teacher_path: str) -> VocabPairing:
+    """Compare tokenizers and output-head sizes; raise :class:`OPDConfigError` on a mismatch.
+
+    Reads tokenizer files and ``config.json`` only, never weights, so it is cheap enough to run
+    before Ray or any model starts.
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
+    student_tok = AutoTokenizer.from_pretrained(student_path)
+    teacher_tok = AutoTokenizer.from_pretrained(teacher_path)
+    student_vocab, teacher_vocab = student_tok.get_vocab(), teacher_tok.get_vocab()
+    _check_same_ids(student_vocab, teacher_vocab)
+
+    student_rows = _output_rows(AutoConfig.from_pretrained(student_path), student_path)
+    teacher_rows = _output_rows(AutoConfig.from_pretrained(teacher_path), teacher_path)
+    pairing = VocabPairing(len(teacher_vocab), student_rows, teacher_rows)
+    highest_id = max(teacher_vocab.values())
+    if highest_id >= pairing.shared_rows:
+        raise OPDConfigError(
+            f"opd.teacher_model_path: token id {highest_id} exists in the tokenizer but the output heads share "
+            f"only {pairing.shared_rows} rows (student {student_rows}, teacher {teacher_rows})"
+        )
+    return pairing
+
+
+def _check_same_ids(student_vocab: dict[str, int], teacher_vocab: dict[str, int]) -> None:
+    missing = [tok for tok in teacher_vocab if tok not in student_vocab]
+    moved = [tok for tok, idx in teacher_vocab.items() if tok in student_vocab and student_vocab[tok] != idx]
+    extra = [tok for tok in student_vocab if tok not in teacher_vocab]
+    if missing or moved or extra:
+        examples = [f"{t!r}: teacher id {teacher_vocab[t]}, student id {student_vocab[t]}" for t in moved[:3]]
+        examples += [f"{t!r}: teacher id {teacher_vocab[t]}, not in the student" for t in missing[:3]]
+        examples += [f"{t!r}: student id {student_vocab[t]}, not in the teacher" for t in extra[:3]]
+        raise OPDConfigError(
+            "opd.teacher_model_path: teacher and student tokenizers disagree on "
+            f"{len(moved)} moved, {len(missing)} teacher-only and {len(extra)} student-only tokens, "
+            f"e.g. {'; '.join(examples)}"
+        )
+
+
+def _output_rows(hf_config, path: str) -> int:
+    text_config = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+    rows = getattr(text_config, "vocab_size", None)
+    if not rows:
+        raise OPDConfigError(f"{path}: config.json has no vocab_size")
+    return int(rows)

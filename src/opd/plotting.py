@@ -1,0 +1,37 @@
+"""PNG of the training curves of one run."""
+
+from __future__ import annotations
+
+_PANELS = (
+    ("distillation loss", ("opd/loss",)),
+    ("sampled-token reverse KL", ("opd/sampled_reverse_kl",)),
+    ("teacher NLL of student tokens", ("opd/teacher_nll",)),
+    ("student entropy", ("opd/student_entropy",)),
+    ("reward accuracy", ("opd/reward_accuracy",)),
+    ("held-out", ("val-opd/reverse_kl", "val-opd/teacher_answer_nll")),
+)
+
+
+def plot_training_curves(history: list[dict], path: str) -> str:
+    """Draw one panel per metric group against the step; return ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 3, figsize=(13, 7))
+    for axis, (title, keys) in zip(axes.flat, _PANELS, strict=True):
+        for key in keys:
+            points = [(r["step"], r[key]) for r in history if key in r]
+            if points:
+                steps, values = zip(*points, strict=True)
+                axis.plot(steps, values, marker="o", markersize=3, label=key)
+        axis.set_title(title)
+        axis.set_xlabel("step")
+        axis.grid(alpha=0.3)
+        if len(keys) > 1:
+            axis.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

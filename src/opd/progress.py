@@ -1,0 +1,46 @@
+"""Console output: a one-line progress report per step and the before/after summary of a run."""
+
+from __future__ import annotations
+
+_FIELDS = (
+    ("loss", "opd/loss", "{:.4f}"),
+    ("rkl", "opd/sampled_reverse_kl", "{:.4f}"),
+    ("teacher_nll", "opd/teacher_nll", "{:.3f}"),
+    ("entropy", "opd/student_entropy", "{:.3f}"),
+    ("acc", "opd/reward_accuracy", "{:.2f}"),
+    ("grad_norm", "opd/grad_norm", "{:.3f}"),
+    ("tokens", "opd/num_tokens", "{:.0f}"),
+    ("teacher", "opd/timing/teacher_s", "{:.1f}s"),
+    ("student", "opd/timing/student_s", "{:.1f}s"),
+    ("step", "timing_s/step", "{:.1f}s"),
+    ("mem_t", "opd/memory/teacher_peak_gb", "{:.2f}GB"),
+    ("mem_s", "opd/memory/student_peak_gb", "{:.2f}GB"),
+    ("val_rkl", "val-opd/reverse_kl", "{:.4f}"),
+    ("val_teacher_answer_nll", "val-opd/teacher_answer_nll", "{:.4f}"),
+)
+
+_HELD_OUT = ("val-opd/reverse_kl", "val-opd/teacher_answer_nll", "val-opd/forward_kl")
+
+
+def format_progress(step: int, total_steps: int, metrics: dict) -> str:
+    """``[opd] step 3/20 | loss 0.81 | rkl 0.75 | ...`` with whatever of the known metrics is present."""
+    parts = [f"[opd] step {step}/{total_steps}"]
+    for label, key, fmt in _FIELDS:
+        if key in metrics:
+            parts.append(f"{label} {fmt.format(float(metrics[key]))}")
+    return " | ".join(parts)
+
+
+def format_summary(history: list[dict]) -> str:
+    """The held-out metrics at the first and the last evaluation, with the relative change."""
+    lines = ["[opd] held-out summary (first -> last evaluation):"]
+    for key in _HELD_OUT:
+        values = [record[key] for record in history if key in record]
+        if len(values) < 2:
+            continue
+        first, last = values[0], values[-1]
+        change = 100.0 * (last - first) / abs(first) if first else float("nan")
+        lines.append(f"[opd]   {key}: {first:.4f} -> {last:.4f} ({change:+.1f}%)")
+    if len(lines) == 1:
+        lines.append("[opd]   (fewer than two held-out evaluations)")
+    return "\n".join(lines)

@@ -1,0 +1,160 @@
+"""The OPD verl worker: verl's actor/rollout worker plus a frozen teacher engine.
+
+``update_actor`` runs the two-phase update on this rank's share of the batch:
+
+1. teacher phase (``opd.teacher``): onload the teacher, forward every micro-batch, cache the response
+   logits on CPU, offload the teacher and free device memory;
+2. student phase (``opd.student``): onload the student and its optimizer (verl's train-mode context),
+   chunked divergence + backward per micro-batch, one clipped step per mini-batch, offload.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.distributed as dist
+from omegaconf import OmegaConf
+from tensordict import TensorDict
+from verl.single_controller.base.decorator import Dispatch, make_nd_compute_dataproto_dispatch_fn, register
+from verl.utils import tensordict_utils as tu
+from verl.utils.config import omega_conf_to_dataclass
+from verl.workers.engine_workers import ActorRolloutRefWorker
+
+from common.batch import OPDBatch, build_opd_batch, micro_batch_rows
+from opd.config import OPDConfig
+from opd.devices import current_device, peak_memory_gb, reset_peak_memory
+from opd.evaluation import evaluate_held_out
+from opd.student import train_student_step
+from opd.teacher import build_teacher_engine, run_teacher_phase
+
+
+class OPDActorRolloutWorker(ActorRolloutRefWorker):
+    """Actor + rollout (+ teacher) on the same GPUs, taking turns."""
+
+    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+    def init_model(self):
+        super().init_model()
+        self.opd_config = OPDConfig.from_dict(OmegaConf.to_container(self.config.opd, resolve=True)).validate()
+        actor_config = omega_conf_to_dataclass(self.config.actor)
+        self.teacher = build_teacher_engine(
+            model_config=self._teacher_model_config(),
+            engine_config=actor_config.engine,
+            optimizer_config=actor_config.optim,
+            checkpoint_config=actor_config.checkpoint,
+        )
+        self.student = self.actor.engine
+        tokenizer = self.student.model_config.tokenizer
+        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.micro_batch_size = int(self.config.actor.ppo_micro_batch_size_per_gpu)
+
+    def _teacher_model_config(self):
+        teacher_path = self.config.opd.teacher_model_path
+        overrides = {"path": teacher_path, "tokenizer_path": teacher_path, "hf_config_path": teacher_path}
+        # the teacher is never trained: no LoRA, no gradient checkpointing
+        overrides.update(lora_rank=0, lora_adapter_path=None, enable_gradient_checkpointing=False)
+        return omega_conf_to_dataclass(OmegaConf.merge(self.config.model, overrides))
+
+    @register(dispatch_mode=make_nd_compute_dataproto_dispatch_fn(mesh_name="actor"))
+    def update_actor(self, data: TensorDict) -> TensorDict:
+        batch = self._opd_batch(data)
+        mini_batch_size = int(tu.get(data, key="mini_batch_size", default=len(batch)))
+        steps = self._plan_steps(batch, mini_batch_size)
+
+        started = time.perf_counter()
+        reset_peak_memory()
+        cache = run_teacher_phase(self.teacher, [mb for step in steps for mb in step], pad_token_id=self.pad_token_id)
+        teacher_seconds, teacher_peak = time.perf_counter() - started, peak_memory_gb()
+
+        started = time.perf_counter()
+        reset_peak_memory()
+        step_metrics, cached = [], iter(cache.logits)
+        with self.student.train_mode():
+            for micro_batches in steps:
+                step_metrics.append(
+                    train_student_step(
+                        self.student,
+                        micro_batches,
+                        [next(cached) for _ in micro_batches],
+                        config=self.opd_config,
+                        pad_token_id=self.pad_token_id,
+                        dp_group=self.student.get_data_parallel_group(),
+                        device=current_device(),
+                    )
+                )
+            lr = self.student.lr_scheduler_step()
+        metrics = _mean_over_steps(step_metrics)
+        metrics.update(
+            {
+                "opd/lr": lr,
+                "opd/num_samples": float(_all_reduce(len(batch), dist.ReduceOp.SUM)),
+                "opd/truncated_samples": float(_all_reduce(batch.num_truncated, dist.ReduceOp.SUM)),
+                "opd/cache_bytes_per_token": cache.num_bytes / max(sum(m.numel() for m in batch.loss_mask), 1),
+                "opd/timing/teacher_s": teacher_seconds,
+                "opd/timing/student_s": time.perf_counter() - started,
+                "opd/memory/teacher_peak_gb": teacher_peak,
+                "opd/memory/student_peak_gb": peak_memory_gb(),
+            }
+        )
+        return tu.get_tensordict(tensor_dict={}, non_tensor_dict={"metrics": metrics}).cpu()
+
+    def _opd_batch(self, data: TensorDict) -> OPDBatch:
+        weights = data["opd_sample_weight"].float().reshape(-1) if "opd_sample_weight" in data.keys() else None
+        has_prompts = "prompts" in data.keys()
+        return build_opd_batch(
+            responses=list(data["responses"].unbind()),
+            response_mask=list(data["response_mask"].unbind()),
+            prompts=list(data["prompts"].unbind()) if has_prompts else None,
+            raw_prompts=None if has_prompts else list(data["raw_prompt"]),
+            tokenizer=self.student.model_config.tokenizer,
+            max_length=self.opd_config.max_length,
+            overlength=self.opd_config.overlength,
+            sample_weights=weights,
+        )
+
+    def _plan_steps(self, batch: OPDBatch, global_mini_batch_size: int) -> list[list[OPDBatch]]:
+        """Mini-batches (one optimizer step each) of micro-batches, equal in count on every rank."""
+        dp_size = dist.get_world_size(group=self.student.get_data_parallel_group())
+        local_mini = max(global_mini_batch_size // dp_size, 1)
+        steps = []
+        for mini_rows in micro_batch_rows(len(batch), local_mini):
+            mini = batch.select(mini_rows)
+            steps.append([mini.select(rows) for rows in micro_batch_rows(len(mini), self.micro_batch_size)])
+        return _pad_to_common_shape(steps, self.student.get_data_parallel_group())
+
+    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+    def evaluate_opd(self, prompts: list[list[int]]) -> dict[str, float]:
+        """Held-out student-vs-teacher metrics (``val-opd/*``); every rank evaluates the same prompts."""
+        return evaluate_held_out(
+            student=self.student,
+            teacher=self.teacher,
+            prompts=[torch.tensor(p, dtype=torch.long) for p in prompts],
+            config=self.opd_config,
+            eos_token_id=self.student.model_config.tokenizer.eos_token_id,
+            pad_token_id=self.pad_token_id,
+        )
+
+
+def _pad_to_common_shape(steps: list[list[OPDBatch]], group) -> list[list[OPDBatch]]:
+    """Append zero-weight micro-batches so every rank runs the same forwards, backwards and steps."""
+    filler = steps[0][0].zero_weight_copy()
+    num_steps = _all_reduce(len(steps), dist.ReduceOp.MAX, group)
+    padded = [list(s) for s in steps] + [[] for _ in range(num_steps - len(steps))]
+    for micro_batches in padded:
+        target = _all_reduce(len(micro_batches), dist.ReduceOp.MAX, group)
+        micro_batches.extend([filler] * (target - len(micro_batches)))
+    return padded
+
+
+def _mean_over_steps(step_metrics: list[dict[str, float]]) -> dict[str, float]:
+    keys = step_metrics[0].keys()
+    merged = {k: sum(m[k] for m in step_metrics) / len(step_metrics) for k in keys}
+    merged["opd/num_tokens"] = sum(m["opd/num_tokens"] for m in step_metrics)
+    merged["opd/skipped_step"] = sum(m["opd/skipped_step"] for m in step_metrics)
+    return merged
+
+
+def _all_reduce(value: int, op, group=None) -> int:
+    tensor = torch.tensor([value], dtype=torch.long, device=current_device())
+    dist.all_reduce(tensor, op=op, group=group)
+    return int(tensor.item())

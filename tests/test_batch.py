@@ -1,0 +1,91 @@
+"""build_opd_batch: tool tokens masked, prompts repeated n times, over-long samples never silent."""
+
+import pytest
+import torch
+
+from common.batch import (
+    OverlengthError,
+    build_opd_batch,
+    micro_batch_rows,
+    response_logit_rows,
+    response_token_ids,
+)
+
+
+def _t(*values):
+    return torch.tensor(values, dtype=torch.long)
+
+
+def test_tool_tokens_stay_in_the_sequence_but_out_of_the_loss():
+    # model tokens 5 6, tool output 90 91 92, model tokens 7 8
+    response = _t(5, 6, 90, 91, 92, 7, 8)
+    mask = _t(1, 1, 0, 0, 0, 1, 1)
+    batch = build_opd_batch(responses=[response], response_mask=[mask], prompts=[_t(1, 2, 3)])
+    assert batch.input_ids[0].tolist() == [1, 2, 3, 5, 6, 90, 91, 92, 7, 8]
+    assert batch.loss_mask[0].tolist() == [1, 1, 0, 0, 0, 1, 1]
+    assert batch.num_loss_tokens() == 4
+
+
+def test_logit_rows_predict_each_response_token():
+    batch = build_opd_batch(
+        responses=[_t(5, 6), _t(7, 8, 9)], response_mask=[_t(1, 1), _t(1, 0, 1)], prompts=[_t(1, 2, 3), _t(4)]
+    )
+    packed = torch.cat(batch.input_ids)
+    rows = response_logit_rows(batch)
+    # the logit at row r predicts packed token r + 1
+    assert packed[rows + 1].tolist() == response_token_ids(batch).tolist() == [5, 6, 7, 8, 9]
+
+
+def test_rollout_n_repeats_each_prompt_for_its_responses():
+    prompts = [_t(1), _t(2, 2)]
+    responses = [_t(10 + i) for i in range(6)]
+    masks = [_t(1)] * 6
+    batch = build_opd_batch(responses=responses, response_mask=masks, prompts=prompts, rollout_n=3)
+    assert [ids[:-1].tolist() for ids in batch.input_ids] == [[1], [1], [1], [2, 2], [2, 2], [2, 2]]
+    with pytest.raises(ValueError, match="rollout.n=2"):
+        build_opd_batch(responses=responses, response_mask=masks, prompts=prompts, rollout_n=2)
+
+
+def test_overlength_is_truncated_and_counted_or_an_error():
+    kwargs = dict(responses=[_t(5, 6, 7, 8), _t(9)], response_mask=[_t(1, 1, 1, 1), _t(1)], prompts=[_t(1, 2)] * 2)
+    batch = build_opd_batch(max_length=4, **kwargs)
+    assert batch.num_truncated == 1
+    assert batch.input_ids[0].tolist() == [1, 2, 5, 6]
+    assert batch.loss_mask[0].numel() == 2
+    with pytest.raises(OverlengthError, match="opd.max_length=4"):
+        build_opd_batch(max_length=4, overlength="error", **kwargs)
+
+
+def test_raw_prompt_fallback_templates_the_prompt_only_and_keeps_tool_tokens():
+    class Template:
+        def apply_chat_template(self, messages, add_generation_prompt, tokenize):
+            assert add_generation_prompt and tokenize
+            return [100 + len(m["content"]) for m in messages] + [99]
+
+    messages = [[{"role": "user", "content": "abc"}]]
+    response, mask = _t(5, 90, 6), _t(1, 0, 1)
+    batch = build_opd_batch(responses=[response], response_mask=[mask], raw_prompts=messages, tokenizer=Template())
+    assert batch.input_ids[0].tolist() == [103, 99, 5, 90, 6]
+    assert batch.loss_mask[0].tolist() == [1, 0, 1]
+
+
+def test_mismatched_inputs_are_rejected():
+    with pytest.raises(ValueError, match="mask"):
+        build_opd_batch(responses=[_t(1, 2)], response_mask=[_t(1)], prompts=[_t(3)])
+    with pytest.raises(ValueError, match="empty prompt"):
+        build_opd_batch(responses=[_t(1)], response_mask=[_t(1)], prompts=[_t()])
+    with pytest.raises(ValueError, match="pre-tokenized prompts or raw_prompts"):
+        build_opd_batch(responses=[_t(1)], response_mask=[_t(1)])
+
+
+def test_zero_weight_copy_keeps_shapes_and_drops_the_loss():
+    batch = build_opd_batch(responses=[_t(5, 6)], response_mask=[_t(1, 1)], prompts=[_t(1)])
+    filler = batch.zero_weight_copy()
+    assert [t.tolist() for t in filler.input_ids] == [t.tolist() for t in batch.input_ids]
+    assert filler.num_loss_tokens() == 0 and batch.num_loss_tokens() == 2
+
+
+def test_micro_batch_rows_cover_every_row_once():
+    assert [list(r) for r in micro_batch_rows(5, 2)] == [[0, 1], [2, 3], [4]]
+    with pytest.raises(ValueError):
+        micro_batch_rows(5, 0)
