@@ -98,3 +98,20 @@ def full_state(module) -> dict[str, torch.Tensor]:
         value = param.full_tensor() if hasattr(param, "full_tensor") else param
         state[name] = value.detach().float().clone()
     return state
+
+
+def padding_only_batch(num_samples: int) -> TensorDict:
+    """Rows like verl's synthetic padding samples: nothing in the loss."""
+    data = rollout_batch(num_samples, seed=99)
+    masks = [torch.zeros_like(m) for m in data["response_mask"].unbind()]
+    data["response_mask"] = torch.nested.as_nested_tensor(masks, layout=torch.jagged)
+    data["opd_sample_weight"] = torch.zeros(num_samples, 1)
+    return data
+
+
+def run_rank(rank: int, world_size: int, port: int, student: str, teacher: str, results) -> None:
+    """One rank of a multi-process gloo run: rank 0 holds real rows, the others only padding rows."""
+    config = compose_opd_config(student, teacher)
+    worker = make_worker(config, rank=rank, world_size=world_size, port=port)
+    data = rollout_batch(4, seed=11) if rank == 0 else padding_only_batch(1)
+    results.put((rank, dict(worker.update_actor(data)["metrics"])))

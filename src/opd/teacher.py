@@ -22,6 +22,11 @@ class TeacherCache:
     def num_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.logits)
 
+    @property
+    def bytes_per_token(self) -> float:
+        """Host bytes per cached response position (2 * V for full bf16 logits)."""
+        return self.num_bytes / max(sum(t.shape[0] for t in self.logits), 1)
+
 
 def build_teacher_engine(model_config, engine_config, optimizer_config, checkpoint_config):
     """Build the teacher from its own model config (its own path and tokenizer).

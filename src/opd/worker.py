@@ -89,7 +89,7 @@ class OPDActorRolloutWorker(ActorRolloutRefWorker):
                 "opd/lr": lr,
                 "opd/num_samples": float(_all_reduce(len(batch), dist.ReduceOp.SUM)),
                 "opd/truncated_samples": float(_all_reduce(batch.num_truncated, dist.ReduceOp.SUM)),
-                "opd/cache_bytes_per_token": cache.num_bytes / max(sum(m.numel() for m in batch.loss_mask), 1),
+                "opd/cache_bytes_per_token": cache.bytes_per_token,
                 "opd/timing/teacher_s": teacher_seconds,
                 "opd/timing/student_s": time.perf_counter() - started,
                 "opd/memory/teacher_peak_gb": teacher_peak,

@@ -1,0 +1,47 @@
+"""Two gloo ranks, one holding only padding rows: same collectives on both, no hang, same metrics."""
+
+import multiprocessing as mp
+import queue
+
+import pytest
+import torch
+from opd_harness import free_port, rollout_batch, run_rank
+from tiny_models import build_tiny_model
+
+TIMEOUT_S = 300
+
+
+@pytest.mark.slow
+def test_rank_with_only_padding_rows_completes(tmp_path):
+    build_tiny_model(tmp_path / "student", num_layers=2, seed=0)
+    build_tiny_model(tmp_path / "teacher", num_layers=3, seed=1)
+    context = mp.get_context("spawn")
+    results = context.Queue()
+    port = free_port()
+    procs = [
+        context.Process(
+            target=run_rank, args=(rank, 2, port, str(tmp_path / "student"), str(tmp_path / "teacher"), results)
+        )
+        for rank in range(2)
+    ]
+    for proc in procs:
+        proc.start()
+    collected = {}
+    try:
+        for _ in procs:
+            rank, metrics = results.get(timeout=TIMEOUT_S)
+            collected[rank] = metrics
+    except queue.Empty:
+        pytest.fail(f"ranks {sorted(set(range(2)) - set(collected))} did not finish in {TIMEOUT_S}s (hang)")
+    finally:
+        for proc in procs:
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.kill()
+    assert all(proc.exitcode == 0 for proc in procs)
+    # the training metrics are all-reduced: both ranks report the same numbers
+    for key in ("opd/loss", "opd/sampled_reverse_kl", "opd/teacher_nll", "opd/grad_norm", "opd/num_samples"):
+        assert collected[0][key] == pytest.approx(collected[1][key]), key
+    real_tokens = sum(int(m.sum()) for m in rollout_batch(4, seed=11)["response_mask"].unbind())
+    assert collected[0]["opd/num_tokens"] == real_tokens
+    assert torch.isfinite(torch.tensor(collected[0]["opd/loss"])) and collected[0]["opd/loss"] > 0

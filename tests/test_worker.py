@@ -1,0 +1,85 @@
+"""The OPD worker in-process on tiny random models: phase order, what changes, the no-signal case."""
+
+import pytest
+import torch
+from opd_harness import compose_opd_config, full_state, make_worker, rollout_batch
+from tiny_models import TOKENIZER_SIZE, build_tiny_model
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    build_tiny_model(root / "student", num_layers=2, seed=0)
+    # a padded output head on the teacher, as Qwen2.5-7B (152064) vs 1.5B (151936)
+    build_tiny_model(root / "teacher", num_layers=3, seed=1, vocab_size=TOKENIZER_SIZE + 13)
+    return str(root / "student"), str(root / "teacher")
+
+
+@pytest.fixture(scope="module")
+def worker(models):
+    return make_worker(compose_opd_config(*models))
+
+
+def _record_order(worker):
+    events = []
+    teacher_to = worker.teacher.to
+
+    def recording_to(device, **kwargs):
+        events.append(("teacher.to", device))
+        return teacher_to(device, **kwargs)
+
+    worker.teacher.to = recording_to
+    worker.teacher.module.register_forward_pre_hook(lambda *_: events.append(("teacher.forward", None)))
+    worker.student.module.register_forward_pre_hook(lambda *_: events.append(("student.forward", None)))
+    return events
+
+
+def test_teacher_runs_for_every_micro_batch_and_is_offloaded_before_the_student(worker):
+    events = _record_order(worker)
+    worker.update_actor(rollout_batch(6, seed=3))
+    names = [name for name, _ in events]
+    first_student = names.index("student.forward")
+    last_teacher = max(i for i, name in enumerate(names) if name == "teacher.forward")
+    assert last_teacher < first_student
+    # 6 samples, micro-batch 2, mini-batch 4 -> 3 teacher forwards, all before any student forward
+    assert names.count("teacher.forward") == 3
+    offloads = [i for i, (name, device) in enumerate(events) if name == "teacher.to" and device == "cpu"]
+    assert any(last_teacher < i < first_student for i in offloads)
+    assert all(p.device.type == "cpu" for p in worker.teacher.module.parameters())
+
+
+def test_a_step_changes_the_student_and_never_the_teacher(worker):
+    student_before, teacher_before = full_state(worker.student.module), full_state(worker.teacher.module)
+    output = worker.update_actor(rollout_batch(4, seed=4))
+    student_after, teacher_after = full_state(worker.student.module), full_state(worker.teacher.module)
+    assert any(not torch.equal(student_before[k], student_after[k]) for k in student_before)
+    assert all(torch.equal(teacher_before[k], teacher_after[k]) for k in teacher_before)
+    assert not any(p.requires_grad for p in worker.teacher.module.parameters())
+    metrics = output["metrics"]
+    for key in ("opd/loss", "opd/sampled_reverse_kl", "opd/teacher_nll", "opd/student_entropy", "opd/grad_norm"):
+        assert torch.isfinite(torch.tensor(metrics[key])), key
+    assert metrics["opd/loss"] > 0 and metrics["opd/skipped_step"] == 0
+
+
+def test_num_tokens_counts_model_tokens_only(worker):
+    data = rollout_batch(4, seed=5)
+    expected = sum(int(m.sum()) for m in data["response_mask"].unbind())
+    assert worker.update_actor(data)["metrics"]["opd/num_tokens"] == expected
+
+
+def test_cache_is_full_vocabulary_bf16(worker):
+    metrics = worker.update_actor(rollout_batch(2, seed=6))["metrics"]
+    assert metrics["opd/cache_bytes_per_token"] == 2 * (TOKENIZER_SIZE + 13)
+
+
+def test_student_equal_to_teacher_gives_zero_divergence(models):
+    student, _ = models
+    worker = make_worker(compose_opd_config(student, student))
+    metrics = worker.update_actor(rollout_batch(4, seed=7))["metrics"]
+    assert abs(metrics["opd/loss"]) < 1e-5
+    # first order in the logit difference: the teacher keeps bf16 weights, the student fp32 masters
+    assert abs(metrics["opd/sampled_reverse_kl"]) < 1e-3
+    # a zero loss still runs the backward (every rank issues the same collectives)
+    assert metrics["opd/grad_norm"] < 1e-3
