@@ -14,7 +14,7 @@ if [[ "${OPD_EMBEDDED_DEFAULT:-0}" == 1 ]]; then
   # sized so the default run finishes in minutes on a 2-core CPU machine
   : "${MODEL_NAME:=smollm2-135m-drop5}" "${TRAIN_BATCH_SIZE:=8}" "${PPO_MICRO_BATCH_SIZE_PER_GPU:=4}"
   : "${LEARNING_RATE:=5e-5}" "${MAX_PROMPT_LENGTH:=128}" "${MAX_RESPONSE_LENGTH:=48}" "${TOTAL_STEPS:=20}"
-  : "${VAL_BATCH_SIZE:=16}" "${ROLLOUT_TEMPERATURE:=1.0}"
+  : "${VAL_BATCH_SIZE:=16}" "${SAVE_FREQ:=$TOTAL_STEPS}" "${TEST_FREQ:=$TOTAL_STEPS}"
 fi
 MODEL_NAME="${MODEL_NAME:-$(basename "$MODEL_PATH")}"
 TRAIN_BATCH_SIZE="${TRAIN_BATCH_SIZE:-64}"
@@ -38,6 +38,8 @@ ENABLE_THINKING="${ENABLE_THINKING:-false}"
 NNODES="${NNODES:-1}"
 N_GPUS_PER_NODE="${N_GPUS_PER_NODE:-$(gpus_on_this_node)}"
 (( N_GPUS_PER_NODE > 0 )) || N_GPUS_PER_NODE=1
+SAVE_FREQ="${SAVE_FREQ:-100}"
+TEST_FREQ="${TEST_FREQ:-50}"
 RUN_DIR="${RUN_DIR:-$OUTPUT_ROOT/opd/$MODEL_NAME-$(date +%Y%m%d-%H%M%S)}"
 
 log "student $MODEL_PATH"
@@ -77,5 +79,6 @@ exec "$OPD_PYTHON" -m opd.main_opd \
   trainer.n_gpus_per_node="$N_GPUS_PER_NODE" \
   trainer.experiment_name="$MODEL_NAME" \
   trainer.default_local_dir="$RUN_DIR" \
-  trainer.save_freq=-1 \
+  trainer.save_freq="$SAVE_FREQ" \
+  trainer.test_freq="$TEST_FREQ" \
   "$@"

@@ -17,6 +17,7 @@ from opd.pairing import check_pairing
 
 # Imported in every verl process (driver, task runner, workers) so the "opd" trainer is registered.
 _EXTERNAL_MODULES = ("opd.trainer",)
+_CPU_ENV_KEYS = ("VERL_PLATFORM", "PYTHONPATH", "TOKENIZERS_PARALLELISM")
 
 
 def validate_before_launch(config: DictConfig) -> OPDConfig:
@@ -30,7 +31,19 @@ def validate_before_launch(config: DictConfig) -> OPDConfig:
         raise OPDConfigError(f"actor_rollout_ref.model.path: no such folder: {student_path} (MODEL_PATH)")
     check_pairing(student_path, os.path.expanduser(opd_config.teacher_model_path))
     _reject_unsupported(config)
+    _default_reward_function(config)
     return opd_config
+
+
+def _default_reward_function(config: DictConfig) -> None:
+    """Grade with the project's rewards (``rewards.compute_score``) unless the user chose a function."""
+    import rewards.dispatch
+
+    reward_fn = config.reward.custom_reward_function
+    if not reward_fn.get("path"):
+        with open_dict(config):
+            reward_fn.path = rewards.dispatch.__file__
+            reward_fn.name = "compute_score"
 
 
 def _reject_unsupported(config: DictConfig) -> None:
@@ -84,12 +97,14 @@ def prepare(config: DictConfig) -> OPDConfig:
         _export_env(config, _external_modules_env(()))
         return opd_config
     user_keys = _user_override_keys()
-    overrides = [o for o in cpu_backend.cpu_hydra_overrides() if o.split("=", 1)[0] not in user_keys]
+    overrides = [o.lstrip("+") for o in cpu_backend.cpu_hydra_overrides()]
+    overrides = [o for o in overrides if o.split("=", 1)[0] not in user_keys]
     with open_dict(config):
         config.merge_with(OmegaConf.from_dotlist(overrides))
     cpu_env = cpu_backend.cpu_run_env()
-    modules = tuple(m for m in cpu_env.pop("VERL_USE_EXTERNAL_MODULES", "").split(",") if m)
-    _export_env(config, {**cpu_env, **_external_modules_env(modules)})
+    modules = tuple(m for m in cpu_env["VERL_USE_EXTERNAL_MODULES"].split(",") if m)
+    exported = {key: cpu_env[key] for key in _CPU_ENV_KEYS if key in cpu_env}
+    _export_env(config, {**exported, **_external_modules_env(modules)})
     return opd_config
 
 

@@ -99,7 +99,7 @@ class OPDActorRolloutWorker(ActorRolloutRefWorker):
         return tu.get_tensordict(tensor_dict={}, non_tensor_dict={"metrics": metrics}).cpu()
 
     def _opd_batch(self, data: TensorDict) -> OPDBatch:
-        weights = data["opd_sample_weight"].float().reshape(-1) if "opd_sample_weight" in data.keys() else None
+        weights = _per_sample(data["opd_sample_weight"]) if "opd_sample_weight" in data.keys() else None
         has_prompts = "prompts" in data.keys()
         return build_opd_batch(
             responses=list(data["responses"].unbind()),
@@ -133,6 +133,12 @@ class OPDActorRolloutWorker(ActorRolloutRefWorker):
             eos_token_id=self.student.model_config.tokenizer.eos_token_id,
             pad_token_id=self.pad_token_id,
         )
+
+
+def _per_sample(field: torch.Tensor) -> torch.Tensor:
+    """``[B]`` float32 from a per-sample scalar field, dense or (as TransferQueue may return it) jagged."""
+    rows = field.unbind() if field.is_nested else field.reshape(field.shape[0], -1)
+    return torch.stack([row.reshape(-1)[0] for row in rows]).float()
 
 
 def _pad_to_common_shape(steps: list[list[OPDBatch]], group) -> list[list[OPDBatch]]:
