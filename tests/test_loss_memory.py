@@ -1,0 +1,141 @@
+"""The chunked loss's extra memory is bounded by the chunk size, not by the number of tokens N.
+
+Memory is tracked on CPU with ``benchmarks/memtrack.StorageTracker`` (a dispatch mode counting live tensor
+storages), which is deterministic, unlike process RSS. "Extra" memory is the peak during forward + backward
+minus what any implementation must hold: the student-logits gradient [N, V] and the four [N] stats vectors.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+# The tracker and the naive baseline live with the benchmark script (conftest.py puts src/ on the path).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+from bench_loss_memory import naive_distill_loss  # noqa: E402
+from memtrack import StorageTracker, measure_peak_bytes  # noqa: E402
+
+from opd.losses import LOSS_REGISTRY, chunked_distill_loss, register_loss  # noqa: E402
+
+VOCAB = 4096
+CHUNK = 128
+CHUNK_BYTES = CHUNK * VOCAB * 4  # one [chunk, V] fp32 buffer
+TOKEN_COUNTS = (256, 1024, 4096)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """One intra-op thread: the numbers do not depend on it, and on a busy small CPU it is several times
+    faster than threads contending for cores."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def make_inputs(n: int, dtype=torch.float32):
+    """student [n, VOCAB] leaf, teacher [n, VOCAB], ids [n], token-mean weights [n] with a masked tail."""
+    g = torch.Generator().manual_seed(n)
+    student = (torch.randn(n, VOCAB, generator=g) * 3).to(dtype).requires_grad_(True)
+    teacher = (torch.randn(n, VOCAB, generator=g) * 3).to(dtype)
+    ids = torch.randint(0, VOCAB, (n,), generator=g)
+    weights = torch.ones(n)
+    weights[-n // 8 :] = 0.0
+    return student, teacher, ids, weights / weights.sum()
+
+
+def chunked_step(loss_type: str):
+    """Forward + backward of the chunked loss; returns what a caller would keep (loss, stats)."""
+
+    def step(student, teacher, ids, weights):
+        loss, stats = chunked_distill_loss(
+            student, teacher, ids, weights, loss_type=loss_type, chunk_size=CHUNK, temperature=0.9
+        )
+        loss.backward()
+        return loss, stats
+
+    return step
+
+
+def naive_step(student, teacher, ids, weights):
+    """Forward + backward of the unchunked baseline."""
+    loss = naive_distill_loss(student, teacher, weights, loss_type="reverse_kl", temperature=0.9)
+    loss.backward()
+    return loss
+
+
+def extra_peak_bytes(step, n: int, dtype=torch.float32) -> int:
+    """Peak bytes allocated by ``step`` beyond the student grad [n, V] and the stats vectors [4, n]."""
+    student, teacher, ids, weights = make_inputs(n, dtype)
+    peak = measure_peak_bytes(lambda: step(student, teacher, ids, weights))
+    unavoidable = student.numel() * student.element_size() + 4 * n * 4
+    return peak - unavoidable
+
+
+def test_tracker_sees_forward_and_backward_allocations():
+    x = torch.randn(64, 64, requires_grad=True)
+    block = x.numel() * 4
+    with StorageTracker() as tracker:
+        y = (x * 2).exp().sum()
+        assert tracker.current >= block  # exp's saved output
+        tracker.reset_peak()
+        before = tracker.current
+        y.backward()  # allocations here happen inside the autograd engine
+        assert tracker.peak - before >= block
+        del y
+    assert x.grad is not None
+    assert tracker.current == block  # only x.grad is still alive
+
+
+def test_forward_saves_no_chunk_intermediates():
+    n = 1024
+    student, teacher, ids, weights = make_inputs(n)
+    with StorageTracker() as tracker:
+        loss, _stats = chunked_distill_loss(student, teacher, ids, weights, chunk_size=CHUNK)
+        # Between forward and backward only the loss scalar and the [N] stats may be alive.
+        assert tracker.current <= 4 * n * 4 + 64
+        assert tracker.peak < 8 * CHUNK_BYTES
+        loss.backward()
+
+
+def assert_flat(loss_type: str, token_counts, dtype=torch.float32, max_chunks: float = 8) -> None:
+    """Extra peak at every N within 1.5x of the smallest N's and below ``max_chunks`` chunk buffers."""
+    extras = {n: extra_peak_bytes(chunked_step(loss_type), n, dtype) for n in token_counts}
+    in_chunks = {n: round(e / CHUNK_BYTES, 2) for n, e in extras.items()}  # shown on failure
+    for n in token_counts:
+        assert extras[n] <= 1.5 * extras[token_counts[0]], in_chunks
+        assert extras[n] < max_chunks * CHUNK_BYTES, in_chunks
+
+
+def test_chunked_extra_peak_is_flat_in_tokens():
+    assert_flat("reverse_kl", TOKEN_COUNTS)
+
+
+# The other losses and bf16 share the chunk loop; two sizes keep the file fast on a small CPU.
+@pytest.mark.parametrize(
+    ("loss_type", "dtype"),
+    [("forward_kl", torch.float32), ("jsd", torch.float32), ("reverse_kl", torch.bfloat16)],
+    ids=["forward_kl", "jsd", "reverse_kl-bf16"],
+)
+def test_other_losses_and_bf16_are_flat(loss_type, dtype):
+    assert_flat(loss_type, TOKEN_COUNTS[:2], dtype)
+
+
+def test_autograd_fallback_is_flat():
+    # A loss registered without a closed-form gradient recomputes its chunk under autograd in backward.
+    register_loss("memtest_autograd_jsd")(LOSS_REGISTRY["jsd"])
+    try:
+        assert_flat("memtest_autograd_jsd", TOKEN_COUNTS[:2], max_chunks=16)
+    finally:
+        LOSS_REGISTRY.pop("memtest_autograd_jsd")
+
+
+def test_naive_extra_peak_grows_with_tokens():
+    # The same measurement must flag an unchunked loss, or the flat result above would prove nothing.
+    small, large = extra_peak_bytes(naive_step, 256), extra_peak_bytes(naive_step, 1024)
+    assert large >= 3.5 * small
+    assert large > 16 * CHUNK_BYTES  # i.e. it would fail the bounds above
