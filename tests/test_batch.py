@@ -47,7 +47,9 @@ def test_rollout_n_repeats_each_prompt_for_its_responses():
 
 
 def test_overlength_is_truncated_and_counted_or_an_error():
-    kwargs = dict(responses=[_t(5, 6, 7, 8), _t(9)], response_mask=[_t(1, 1, 1, 1), _t(1)], prompts=[_t(1, 2)] * 2)
+    kwargs = dict(
+        responses=[_t(5, 6, 7, 8), _t(9)], response_mask=[_t(1, 1, 1, 1), _t(1)], prompts=[_t(1, 2)] * 2
+    )
     batch = build_opd_batch(max_length=4, **kwargs)
     assert batch.num_truncated == 1
     assert batch.input_ids[0].tolist() == [1, 2, 5, 6]
@@ -64,7 +66,9 @@ def test_raw_prompt_fallback_templates_the_prompt_only_and_keeps_tool_tokens():
 
     messages = [[{"role": "user", "content": "abc"}]]
     response, mask = _t(5, 90, 6), _t(1, 0, 1)
-    batch = build_opd_batch(responses=[response], response_mask=[mask], raw_prompts=messages, tokenizer=Template())
+    batch = build_opd_batch(
+        responses=[response], response_mask=[mask], raw_prompts=messages, tokenizer=Template()
+    )
     assert batch.input_ids[0].tolist() == [103, 99, 5, 90, 6]
     assert batch.loss_mask[0].tolist() == [1, 0, 1]
 

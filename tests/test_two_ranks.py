@@ -5,8 +5,10 @@ import queue
 
 import pytest
 import torch
-from opd_harness import free_port, rollout_batch, run_rank
+from opd_harness import rollout_batch, run_rank
 from tiny_models import build_tiny_model
+
+from opd.inprocess import free_port
 
 TIMEOUT_S = 300
 
@@ -20,7 +22,8 @@ def test_rank_with_only_padding_rows_completes(tmp_path):
     port = free_port()
     procs = [
         context.Process(
-            target=run_rank, args=(rank, 2, port, str(tmp_path / "student"), str(tmp_path / "teacher"), results)
+            target=run_rank,
+            args=(rank, 2, port, str(tmp_path / "student"), str(tmp_path / "teacher"), results),
         )
         for rank in range(2)
     ]

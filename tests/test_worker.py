@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from opd_harness import compose_opd_config, full_state, make_worker, rollout_batch
+from opd_harness import full_state, rollout_batch, tiny_worker
 from tiny_models import TOKENIZER_SIZE, build_tiny_model
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -19,7 +19,7 @@ def models(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def worker(models):
-    return make_worker(compose_opd_config(*models))
+    return tiny_worker(*models)
 
 
 def _record_order(worker):
@@ -58,7 +58,13 @@ def test_a_step_changes_the_student_and_never_the_teacher(worker):
     assert all(torch.equal(teacher_before[k], teacher_after[k]) for k in teacher_before)
     assert not any(p.requires_grad for p in worker.teacher.module.parameters())
     metrics = output["metrics"]
-    for key in ("opd/loss", "opd/sampled_reverse_kl", "opd/teacher_nll", "opd/student_entropy", "opd/grad_norm"):
+    for key in (
+        "opd/loss",
+        "opd/sampled_reverse_kl",
+        "opd/teacher_nll",
+        "opd/student_entropy",
+        "opd/grad_norm",
+    ):
         assert torch.isfinite(torch.tensor(metrics[key])), key
     assert metrics["opd/loss"] > 0 and metrics["opd/skipped_step"] == 0
 
@@ -76,7 +82,7 @@ def test_cache_is_full_vocabulary_bf16(worker):
 
 def test_student_equal_to_teacher_gives_zero_divergence(models):
     student, _ = models
-    worker = make_worker(compose_opd_config(student, student))
+    worker = tiny_worker(student, student)
     metrics = worker.update_actor(rollout_batch(4, seed=7))["metrics"]
     assert abs(metrics["opd/loss"]) < 1e-5
     # first order in the logit difference: the teacher keeps bf16 weights, the student fp32 masters

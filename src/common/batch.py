@@ -114,7 +114,9 @@ def build_opd_batch(
         loss_masks.append(mask[:keep].to(torch.float32))
 
     if truncated:
-        logger.warning("opd: truncated the response tail of %d sample(s) to max_length=%s", truncated, max_length)
+        logger.warning(
+            "opd: truncated the response tail of %d sample(s) to max_length=%s", truncated, max_length
+        )
     weights = torch.ones(len(responses)) if sample_weights is None else sample_weights.to(torch.float32)
     if weights.shape != (len(responses),):
         raise ValueError(f"sample_weights has shape {tuple(weights.shape)}, expected ({len(responses)},)")
@@ -141,7 +143,9 @@ def _resolve_prompts(prompts, raw_prompts, tokenizer) -> list[torch.Tensor]:
 
 def chat_prompt_ids(tokenizer, messages, **template_kwargs) -> list[int]:
     """Token ids of a chat prompt ending with the assistant header, as the rollout templates it."""
-    ids = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True, **template_kwargs)
+    ids = tokenizer.apply_chat_template(
+        list(messages), add_generation_prompt=True, tokenize=True, **template_kwargs
+    )
     # transformers 5 returns a BatchEncoding here; older versions a plain list
     return list(ids["input_ids"]) if hasattr(ids, "keys") else list(ids)
 
@@ -165,7 +169,9 @@ def _kept_response_length(index: int, prompt_len: int, response_len: int, max_le
             f"opd.max_length={max_length} (set opd.overlength=truncate to cut the tail instead)"
         )
     if prompt_len >= max_length:
-        raise OverlengthError(f"sample {index}: the prompt alone ({prompt_len}) reaches opd.max_length={max_length}")
+        raise OverlengthError(
+            f"sample {index}: the prompt alone ({prompt_len}) reaches opd.max_length={max_length}"
+        )
     return max_length - prompt_len
 
 
@@ -176,7 +182,9 @@ def response_logit_rows(batch: OPDBatch) -> torch.Tensor:
     predicted by packed row ``offset_i + P_i - 1 + j``. Returns ``[sum R_i]`` long, in sample order.
     """
     rows, offset = [], 0
-    for ids, prompt_len, mask in zip(batch.input_ids, batch.prompt_lengths.tolist(), batch.loss_mask, strict=True):
+    for ids, prompt_len, mask in zip(
+        batch.input_ids, batch.prompt_lengths.tolist(), batch.loss_mask, strict=True
+    ):
         start = offset + prompt_len - 1
         rows.append(torch.arange(start, start + mask.numel(), dtype=torch.long))
         offset += ids.numel()

@@ -56,10 +56,14 @@ def _reject_unsupported(config: DictConfig) -> None:
     }
     for key, enabled in unsupported.items():
         if enabled:
-            raise OPDConfigError(f"{key}=True is not supported by the OPD trainer (pure OPD needs no ref/critic)")
+            raise OPDConfigError(
+                f"{key}=True is not supported by the OPD trainer (pure OPD needs no ref/critic)"
+            )
     sp_size = actor.get("ulysses_sequence_parallel_size", 1)
     if sp_size and int(sp_size) > 1:
-        raise OPDConfigError("actor_rollout_ref.actor.ulysses_sequence_parallel_size > 1 is not supported yet")
+        raise OPDConfigError(
+            "actor_rollout_ref.actor.ulysses_sequence_parallel_size > 1 is not supported yet"
+        )
     if config.trainer.v1.trainer_mode != "opd":
         raise OPDConfigError(f"trainer.v1.trainer_mode must be 'opd', got {config.trainer.v1.trainer_mode!r}")
 

@@ -64,7 +64,9 @@ def response_logits(engine, batch: OPDBatch, *, pad_token_id: int) -> torch.Tens
 
 def _padded_rows(batch: OPDBatch, width: int, device) -> torch.Tensor:
     rows = []
-    for sample, (prompt_len, mask) in enumerate(zip(batch.prompt_lengths.tolist(), batch.loss_mask, strict=True)):
+    for sample, (prompt_len, mask) in enumerate(
+        zip(batch.prompt_lengths.tolist(), batch.loss_mask, strict=True)
+    ):
         start = sample * width + prompt_len - 1
         rows.append(torch.arange(start, start + mask.numel(), dtype=torch.long))
     return torch.cat(rows).to(device)

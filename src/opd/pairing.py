@@ -51,8 +51,8 @@ def check_pairing(student_path: str, teacher_path: str) -> VocabPairing:
     highest_id = max(teacher_vocab.values())
     if highest_id >= pairing.shared_rows:
         raise OPDConfigError(
-            f"opd.teacher_model_path: token id {highest_id} exists in the tokenizer but the output heads share "
-            f"only {pairing.shared_rows} rows (student {student_rows}, teacher {teacher_rows})"
+            f"opd.teacher_model_path: token id {highest_id} exists in the tokenizer but the output heads "
+            f"share only {pairing.shared_rows} rows (student {student_rows}, teacher {teacher_rows})"
         )
     return pairing
 

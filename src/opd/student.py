@@ -1,4 +1,4 @@
-"""Phase 2 of the update: student forward, chunked divergence against the cached teacher, one optimizer step."""
+"""Phase 2 of the update: student forward, chunked divergence vs the cached teacher, one optimizer step."""
 
 from __future__ import annotations
 
@@ -18,13 +18,17 @@ _SUM_KEYS = ("loss", "sampled_reverse_kl", "teacher_nll", "student_entropy", "nu
 
 def token_weights(batch: OPDBatch, scale: float) -> torch.Tensor:
     """``[sum R_i]`` float32: loss mask times the sample's reward weight times ``scale``."""
-    parts = [mask * weight for mask, weight in zip(batch.loss_mask, batch.sample_weights.tolist(), strict=True)]
+    parts = [
+        mask * weight for mask, weight in zip(batch.loss_mask, batch.sample_weights.tolist(), strict=True)
+    ]
     return torch.cat(parts) * scale
 
 
 def global_token_count(micro_batches: list[OPDBatch], dp_group, device) -> int:
     """Loss tokens of this optimizer step summed over every rank: the token-mean denominator."""
-    count = torch.tensor([sum(mb.num_loss_tokens() for mb in micro_batches)], dtype=torch.float64, device=device)
+    count = torch.tensor(
+        [sum(mb.num_loss_tokens() for mb in micro_batches)], dtype=torch.float64, device=device
+    )
     dist.all_reduce(count, op=dist.ReduceOp.SUM, group=dp_group)
     return int(count.item())
 

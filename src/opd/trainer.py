@@ -66,7 +66,9 @@ class OPDTrainer(PPOTrainerSync):
 
     def _put_reward_weights(self, batch) -> dict[str, float]:
         """Write ``opd_sample_weight`` (reward weights over the whole batch) next to each sample."""
-        scores = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=["rm_scores"])
+        scores = tq.kv_batch_get(
+            keys=batch.keys, partition_id=batch.partition_id, select_fields=["rm_scores"]
+        )
         rewards = torch.stack([row.sum() for row in scores["rm_scores"].unbind()]).float()
         valid = torch.tensor([not tag.get("is_padding", False) for tag in batch.tags])
         weights = reward_weights(rewards, valid, self.opd_config.reward_beta)
@@ -82,7 +84,9 @@ class OPDTrainer(PPOTrainerSync):
 
     def _update_actor(self, batch, metrics: dict):
         rollout_n = self.config.actor_rollout_ref.rollout.n
-        batch.extra_info["mini_batch_size"] = self.config.actor_rollout_ref.actor.ppo_mini_batch_size * rollout_n
+        batch.extra_info["mini_batch_size"] = (
+            self.config.actor_rollout_ref.actor.ppo_mini_batch_size * rollout_n
+        )
         output = self.actor_rollout_wg.update_actor(batch)
         metrics.update(_first_rank_metrics(output["metrics"]))
         return batch
@@ -106,7 +110,8 @@ class OPDTrainer(PPOTrainerSync):
             count = min(self.opd_config.val_num_prompts, len(dataset))
             template_kwargs = dict(self.config.data.get("apply_chat_template_kwargs", {}) or {})
             self._held_out = [
-                chat_prompt_ids(self.tokenizer, dataset[i]["raw_prompt"], **template_kwargs) for i in range(count)
+                chat_prompt_ids(self.tokenizer, dataset[i]["raw_prompt"], **template_kwargs)
+                for i in range(count)
             ]
         return self._held_out
 

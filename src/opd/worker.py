@@ -35,7 +35,9 @@ class OPDActorRolloutWorker(ActorRolloutRefWorker):
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
     def init_model(self):
         super().init_model()
-        self.opd_config = OPDConfig.from_dict(OmegaConf.to_container(self.config.opd, resolve=True)).validate()
+        self.opd_config = OPDConfig.from_dict(
+            OmegaConf.to_container(self.config.opd, resolve=True)
+        ).validate()
         actor_config = omega_conf_to_dataclass(self.config.actor)
         self.teacher = build_teacher_engine(
             model_config=self._teacher_model_config(),
@@ -45,7 +47,9 @@ class OPDActorRolloutWorker(ActorRolloutRefWorker):
         )
         self.student = self.actor.engine
         tokenizer = self.student.model_config.tokenizer
-        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad_token_id = (
+            tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        )
         self.micro_batch_size = int(self.config.actor.ppo_micro_batch_size_per_gpu)
 
     def _teacher_model_config(self):
@@ -63,7 +67,9 @@ class OPDActorRolloutWorker(ActorRolloutRefWorker):
 
         started = time.perf_counter()
         reset_peak_memory()
-        cache = run_teacher_phase(self.teacher, [mb for step in steps for mb in step], pad_token_id=self.pad_token_id)
+        cache = run_teacher_phase(
+            self.teacher, [mb for step in steps for mb in step], pad_token_id=self.pad_token_id
+        )
         teacher_seconds, teacher_peak = time.perf_counter() - started, peak_memory_gb()
 
         started = time.perf_counter()

@@ -1,4 +1,4 @@
-"""OPD configuration: the typed ``opd:`` block (``schema``) and the hydra trainer config (``opd_trainer.yaml``)."""
+"""OPD configuration: the typed ``opd:`` block (``schema``) and the trainer config ``opd_trainer.yaml``."""
 
 from opd.config.schema import OVERLENGTH_POLICIES, OPDConfig, OPDConfigError
 

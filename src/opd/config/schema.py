@@ -76,7 +76,9 @@ class OPDConfig:
         if self.max_length is not None:
             _require_positive("opd.max_length", self.max_length)
         if self.overlength not in OVERLENGTH_POLICIES:
-            raise OPDConfigError(f"opd.overlength must be one of {OVERLENGTH_POLICIES}, got {self.overlength!r}")
+            raise OPDConfigError(
+                f"opd.overlength must be one of {OVERLENGTH_POLICIES}, got {self.overlength!r}"
+            )
         if self.reward_beta is not None:
             _require_positive("opd.reward_beta", self.reward_beta)
         if self.val_num_prompts < 0:
