@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import threading
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
 
@@ -200,3 +201,14 @@ def test_register_scorer(monkeypatch):
     assert compute_score("test/always_one", "anything", "x") == 1.0
     with pytest.raises(ValueError, match="already registered"):
         register_scorer(ARITH, lambda solution, truth: 0.0)
+
+
+@pytest.mark.parametrize("module_path", ["pkg://rewards", "FILE"])
+def test_verl_loads_the_reward_function(module_path):
+    # verl resolves reward.custom_reward_function.{path,name} with this loader.
+    from verl.utils.import_utils import load_extern_object
+
+    if module_path == "FILE":
+        module_path = str(Path(__file__).resolve().parents[1] / "src" / "rewards" / "__init__.py")
+    loaded = load_extern_object(module_path=module_path, object_name="compute_score")
+    assert loaded(data_source=ARITH, solution_str="so 5", ground_truth="5", extra_info={}) == 1.0
