@@ -83,7 +83,7 @@ resolve_data_dir() {
     if [[ ! -f "$DATA_DIR/train.parquet" ]]; then
       log "no DATA_DIR: generating arithmetic word problems into $DATA_DIR"
       "$OPD_PYTHON" -m data.arithmetic --output-dir "$DATA_DIR" --train-size "${ARITH_TRAIN_SIZE:-2048}" \
-        --val-size "${ARITH_VAL_SIZE:-64}" --seed 0
+        --val-size "${ARITH_VAL_SIZE:-16}" --seed 0
     fi
   fi
   require_dir DATA_DIR

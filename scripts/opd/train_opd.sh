@@ -10,11 +10,14 @@ OUTPUT_ROOT="${OUTPUT_ROOT:-$OPD_ROOT/outputs}"
 resolve_model_pair
 resolve_data_dir
 
+DEFAULT_RUN_ARGS=()
 if [[ "${OPD_EMBEDDED_DEFAULT:-0}" == 1 ]]; then
   # sized so the default run finishes in minutes on a 2-core CPU machine
   : "${MODEL_NAME:=smollm2-135m-drop5}" "${TRAIN_BATCH_SIZE:=8}" "${PPO_MICRO_BATCH_SIZE_PER_GPU:=4}"
   : "${LEARNING_RATE:=5e-5}" "${MAX_PROMPT_LENGTH:=128}" "${MAX_RESPONSE_LENGTH:=48}" "${TOTAL_STEPS:=20}"
   : "${VAL_BATCH_SIZE:=16}" "${SAVE_FREQ:=$TOTAL_STEPS}" "${TEST_FREQ:=$TOTAL_STEPS}"
+  # a 117M student fits easily: recomputing activations would only cost time
+  DEFAULT_RUN_ARGS=(actor_rollout_ref.model.enable_gradient_checkpointing=false opd.val_max_new_tokens=48)
 fi
 MODEL_NAME="${MODEL_NAME:-$(basename "$MODEL_PATH")}"
 TRAIN_BATCH_SIZE="${TRAIN_BATCH_SIZE:-64}"
@@ -81,4 +84,5 @@ exec "$OPD_PYTHON" -m opd.main_opd \
   trainer.default_local_dir="$RUN_DIR" \
   trainer.save_freq="$SAVE_FREQ" \
   trainer.test_freq="$TEST_FREQ" \
+  "${DEFAULT_RUN_ARGS[@]}" \
   "$@"

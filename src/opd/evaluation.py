@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.distributed as dist
 
@@ -23,22 +25,32 @@ _MICRO_BATCH = 4
 
 
 @torch.no_grad()
-def evaluate_held_out(student, teacher, prompts, *, config: OPDConfig, eos_token_id, pad_token_id) -> dict:
-    """Return ``val-opd/reverse_kl``, ``val-opd/forward_kl`` and ``val-opd/teacher_answer_nll``."""
+def evaluate_held_out(
+    student, teacher, prompts, *, config: OPDConfig, eos_token_id, pad_token_id, teacher_answers=None
+) -> tuple[dict[str, float], list[torch.Tensor]]:
+    """Return the ``val-opd/*`` metrics and the teacher's greedy answers.
+
+    The teacher is frozen and answers greedily, so its answers are the same at every evaluation:
+    pass back the returned ones as ``teacher_answers`` to skip generating them again.
+    """
+    started = time.perf_counter()
     student_answers = _generate(student, prompts, config, eos_token_id, pad_token_id, sample=True)
-    teacher_answers = _generate(teacher, prompts, config, eos_token_id, pad_token_id, sample=False)
+    if teacher_answers is None:
+        teacher_answers = _generate(teacher, prompts, config, eos_token_id, pad_token_id, sample=False)
     own = _split(_answer_batch(prompts, student_answers))
     teachers = _split(_answer_batch(prompts, teacher_answers))
     cache = run_teacher_phase(teacher, own + teachers, pad_token_id=pad_token_id).logits
 
     reverse = _divergence_sums(student, own, cache[: len(own)], "reverse_kl", config, pad_token_id)
     forward = _divergence_sums(student, teachers, cache[len(own) :], "forward_kl", config, pad_token_id)
-    return {
+    metrics = {
         "val-opd/reverse_kl": reverse["divergence"] / max(reverse["tokens"], 1.0),
         "val-opd/forward_kl": forward["divergence"] / max(forward["tokens"], 1.0),
         "val-opd/teacher_answer_nll": forward["nll"] / max(forward["tokens"], 1.0),
         "val-opd/student_answer_tokens": reverse["tokens"] / max(len(prompts), 1),
+        "val-opd/seconds": time.perf_counter() - started,
     }
+    return metrics, teacher_answers
 
 
 def _generate(engine, prompts, config, eos_token_id, pad_token_id, *, sample: bool) -> list[torch.Tensor]:

@@ -51,6 +51,7 @@ class OPDActorRolloutWorker(ActorRolloutRefWorker):
             tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         )
         self.micro_batch_size = int(self.config.actor.ppo_micro_batch_size_per_gpu)
+        self._teacher_answers: dict[tuple, list[torch.Tensor]] = {}
 
     def _teacher_model_config(self):
         teacher_path = self.config.opd.teacher_model_path
@@ -131,14 +132,18 @@ class OPDActorRolloutWorker(ActorRolloutRefWorker):
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
     def evaluate_opd(self, prompts: list[list[int]]) -> dict[str, float]:
         """Held-out student-vs-teacher metrics (``val-opd/*``); every rank evaluates the same prompts."""
-        return evaluate_held_out(
+        key = tuple(map(tuple, prompts))
+        metrics, answers = evaluate_held_out(
             student=self.student,
             teacher=self.teacher,
             prompts=[torch.tensor(p, dtype=torch.long) for p in prompts],
             config=self.opd_config,
             eos_token_id=self.student.model_config.tokenizer.eos_token_id,
             pad_token_id=self.pad_token_id,
+            teacher_answers=self._teacher_answers.get(key),
         )
+        self._teacher_answers = {key: answers}
+        return metrics
 
 
 def _per_sample(field: torch.Tensor) -> torch.Tensor:
