@@ -89,3 +89,21 @@ def test_student_equal_to_teacher_gives_zero_divergence(models):
     assert abs(metrics["opd/sampled_reverse_kl"]) < 1e-3
     # a zero loss still runs the backward (every rank issues the same collectives)
     assert metrics["opd/grad_norm"] < 1e-3
+
+
+def test_non_finite_gradient_skips_the_step_and_reports_it(worker, monkeypatch):
+    import opd.worker
+
+    real_phase = opd.worker.run_teacher_phase
+
+    def poisoned_phase(*args, **kwargs):
+        cache = real_phase(*args, **kwargs)
+        cache.logits = [torch.full_like(logits, float("nan")) for logits in cache.logits]
+        return cache
+
+    monkeypatch.setattr(opd.worker, "run_teacher_phase", poisoned_phase)
+    before = full_state(worker.student.module)
+    metrics = worker.update_actor(rollout_batch(4, seed=8))["metrics"]
+    after = full_state(worker.student.module)
+    assert metrics["opd/skipped_step"] == 1
+    assert all(torch.equal(before[k], after[k]) for k in before)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import resource
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -25,3 +28,16 @@ def peak_memory_gb() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+@contextmanager
+def phase_meter() -> Iterator[dict[str, float]]:
+    """Measure a phase: yields a dict that holds ``seconds`` and ``peak_gb`` once the block ends."""
+    reading: dict[str, float] = {}
+    reset_peak_memory()
+    started = time.perf_counter()
+    try:
+        yield reading
+    finally:
+        reading["seconds"] = time.perf_counter() - started
+        reading["peak_gb"] = peak_memory_gb()

@@ -10,8 +10,6 @@
 
 from __future__ import annotations
 
-import time
-
 import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
@@ -23,7 +21,7 @@ from verl.workers.engine_workers import ActorRolloutRefWorker
 
 from common.batch import OPDBatch, build_opd_batch, micro_batch_rows
 from opd.config import OPDConfig
-from opd.devices import current_device, peak_memory_gb, reset_peak_memory
+from opd.devices import current_device, phase_meter
 from opd.evaluation import evaluate_held_out
 from opd.student import train_student_step
 from opd.teacher import build_teacher_engine, run_teacher_phase
@@ -63,26 +61,35 @@ class OPDActorRolloutWorker(ActorRolloutRefWorker):
     @register(dispatch_mode=make_nd_compute_dataproto_dispatch_fn(mesh_name="actor"))
     def update_actor(self, data: TensorDict) -> TensorDict:
         batch = self._opd_batch(data)
-        mini_batch_size = int(tu.get(data, key="mini_batch_size", default=len(batch)))
-        steps = self._plan_steps(batch, mini_batch_size)
-
-        started = time.perf_counter()
-        reset_peak_memory()
-        cache = run_teacher_phase(
-            self.teacher, [mb for step in steps for mb in step], pad_token_id=self.pad_token_id
+        steps = self._plan_steps(batch, int(tu.get(data, key="mini_batch_size", default=len(batch))))
+        micro_batches = [mb for step in steps for mb in step]
+        with phase_meter() as teacher_phase:
+            cache = run_teacher_phase(self.teacher, micro_batches, pad_token_id=self.pad_token_id)
+        with phase_meter() as student_phase:
+            metrics = self._student_phase(steps, iter(cache.logits))
+        metrics.update(
+            {
+                "opd/num_samples": float(_all_reduce(len(batch), dist.ReduceOp.SUM)),
+                "opd/truncated_samples": float(_all_reduce(batch.num_truncated, dist.ReduceOp.SUM)),
+                "opd/cache_bytes_per_token": cache.bytes_per_token,
+                "opd/timing/teacher_s": teacher_phase["seconds"],
+                "opd/timing/student_s": student_phase["seconds"],
+                "opd/memory/teacher_peak_gb": teacher_phase["peak_gb"],
+                "opd/memory/student_peak_gb": student_phase["peak_gb"],
+            }
         )
-        teacher_seconds, teacher_peak = time.perf_counter() - started, peak_memory_gb()
+        return tu.get_tensordict(tensor_dict={}, non_tensor_dict={"metrics": metrics}).cpu()
 
-        started = time.perf_counter()
-        reset_peak_memory()
-        step_metrics, cached = [], iter(cache.logits)
+    def _student_phase(self, steps: list[list[OPDBatch]], cached_logits) -> dict[str, float]:
+        """One optimizer step per mini-batch inside verl's train-mode context (onload, step, offload)."""
+        step_metrics = []
         with self.student.train_mode():
             for micro_batches in steps:
                 step_metrics.append(
                     train_student_step(
                         self.student,
                         micro_batches,
-                        [next(cached) for _ in micro_batches],
+                        [next(cached_logits) for _ in micro_batches],
                         config=self.opd_config,
                         pad_token_id=self.pad_token_id,
                         dp_group=self.student.get_data_parallel_group(),
@@ -90,20 +97,7 @@ class OPDActorRolloutWorker(ActorRolloutRefWorker):
                     )
                 )
             lr = self.student.lr_scheduler_step()
-        metrics = _mean_over_steps(step_metrics)
-        metrics.update(
-            {
-                "opd/lr": lr,
-                "opd/num_samples": float(_all_reduce(len(batch), dist.ReduceOp.SUM)),
-                "opd/truncated_samples": float(_all_reduce(batch.num_truncated, dist.ReduceOp.SUM)),
-                "opd/cache_bytes_per_token": cache.bytes_per_token,
-                "opd/timing/teacher_s": teacher_seconds,
-                "opd/timing/student_s": time.perf_counter() - started,
-                "opd/memory/teacher_peak_gb": teacher_peak,
-                "opd/memory/student_peak_gb": peak_memory_gb(),
-            }
-        )
-        return tu.get_tensordict(tensor_dict={}, non_tensor_dict={"metrics": metrics}).cpu()
+        return {**_mean_over_steps(step_metrics), "opd/lr": lr}
 
     def _opd_batch(self, data: TensorDict) -> OPDBatch:
         weights = _per_sample(data["opd_sample_weight"]) if "opd_sample_weight" in data.keys() else None
