@@ -1,4 +1,4 @@
-"""Rule-based rewards: boxed math grading, last-number arithmetic grading and the verl dispatch."""
+"""Rule-based rewards: boxed, Answer:-line, numeric and free-form grading, and the verl dispatch."""
 
 from __future__ import annotations
 
@@ -12,9 +12,15 @@ import pytest
 from rewards import (
     arithmetic_is_correct,
     compute_score,
+    dapo_is_correct,
     dispatch,
     extract_arithmetic_answer,
+    extract_free_form_answer,
+    extract_gsm8k_answer,
+    free_form_is_correct,
+    gsm8k_is_correct,
     known_data_sources,
+    last_answer_line,
     last_boxed_content,
     math_is_correct,
     register_scorer,
@@ -212,3 +218,120 @@ def test_verl_loads_the_reward_function(module_path):
         module_path = str(Path(__file__).resolve().parents[1] / "src" / "rewards" / "__init__.py")
     loaded = load_extern_object(module_path=module_path, object_name="compute_score")
     assert loaded(data_source=ARITH, solution_str="so 5", ground_truth="5", extra_info={}) == 1.0
+
+
+# --------------------------------------------------------------------------------------------------
+# DAPO "Answer:" grading, GSM8K numeric grading, free-form (no instruction) grading
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("work...\nAnswer: 42", "42"),
+        ("**Answer:** $\\frac{1}{2}$", "\\frac{1}{2}"),
+        ("Final answer: \\boxed{7}.", "7"),
+        ("Answer: 41\nchecking again\nAnswer: 42", "42"),
+        ("Answer: 42\nAnswer:", "42"),  # an empty last line does not hide the earlier answer
+        ("\\boxed{42}", None),
+        ("the answer is 42", None),
+        ("", None),
+    ],
+)
+def test_last_answer_line(text, expected):
+    assert last_answer_line(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("solution", "ground_truth", "correct"),
+    [
+        ("Answer: 0.5", "\\frac{1}{2}", True),
+        ("Answer: $\\frac{1}{2}$", "0.5", True),
+        ("Answer: 1,234", "1234", True),
+        ("Answer: -3", "-3", True),
+        ("Answer: -3", "3", False),
+        ("Answer: \\boxed{ 7 }", "7", True),
+        ("\\boxed{42}", "42", False),  # the dapo prompt asked for an Answer: line
+        ("Answer: 41\nAnswer: 42", "42", True),
+        ("I cannot solve this.", "42", False),
+    ],
+)
+def test_dapo_grading(solution, ground_truth, correct):
+    assert dapo_is_correct(solution, ground_truth) is correct
+    assert compute_score("opd/aime2024@dapo", solution, ground_truth) == (1.0 if correct else 0.0)
+
+
+@pytest.mark.parametrize(
+    ("solution", "expected"),
+    [
+        ("She makes 9 * 2 = $18 every day.", Decimal(18)),
+        ("\\boxed{ 7 } after checking 8 cases", Decimal(7)),
+        ("Answer: -5\nThat took 3 steps.", Decimal(-5)),  # the Answer: line beats later numbers
+        ("Total: 1,450,000 dollars", Decimal(1450000)),
+        ("\\boxed{} so 12", Decimal(12)),
+        ("no number", None),
+    ],
+)
+def test_extract_gsm8k_answer(solution, expected):
+    assert extract_gsm8k_answer(solution) == expected
+
+
+@pytest.mark.parametrize("data_source", ["opd/gsm8k", "opd/gsm8k@dapo", "opd/gsm8k@none"])
+@pytest.mark.parametrize(
+    ("solution", "ground_truth", "correct"),
+    [
+        ("so 2,125 in total", "2125", True),
+        ("\\boxed{2125}", "2,125", True),
+        ("Answer: 42", "42", True),
+        ("The loss is -4 dollars.", "-4", True),
+        ("\\boxed{18} though 19 was close", "18", True),
+        ("\\boxed{17}", "18", False),
+        ("I do not know.", "18", False),
+    ],
+)
+def test_gsm8k_grading_under_every_variant(data_source, solution, ground_truth, correct):
+    assert gsm8k_is_correct(solution, ground_truth) is correct
+    assert compute_score(data_source, solution, ground_truth) == (1.0 if correct else 0.0)
+
+
+@pytest.mark.parametrize(
+    ("solution", "answer"),
+    [
+        ("\\boxed{\\frac{1}{2}} and Answer: 3", "\\frac{1}{2}"),  # a box wins
+        ("\\boxed{} Answer: 3", "3"),  # an empty box is skipped
+        ("Answer: 3 and then 5", "3 and then 5"),
+        ("so the result is -5.", "-5"),
+        ("nothing", None),
+    ],
+)
+def test_extract_free_form_answer(solution, answer):
+    assert extract_free_form_answer(solution) == answer
+
+
+@pytest.mark.parametrize(
+    ("solution", "ground_truth", "correct"),
+    [
+        ("\\boxed{0.5}", "\\frac{1}{2}", True),
+        ("Answer: 42", "42", True),
+        ("so the result is 0.5", "\\frac{1}{2}", True),
+        ("the result is one half", "\\frac{1}{2}", False),
+        ("", "1", False),
+    ],
+)
+def test_free_form_grading(solution, ground_truth, correct):
+    assert free_form_is_correct(solution, ground_truth) is correct
+    assert compute_score("opd/math500@none", solution, ground_truth) == (1.0 if correct else 0.0)
+
+
+@pytest.mark.parametrize(
+    ("data_source", "boxed_score", "answer_line_score"),
+    [
+        ("opd/math500", 1.0, 0.0),  # boxed prompts: only the box counts
+        ("opd/math500@dapo", 0.0, 1.0),  # Answer: prompts: only the Answer: line counts
+        ("opd/math500@none", 1.0, 1.0),
+        ("opd/gsm8k", 1.0, 1.0),
+    ],
+)
+def test_dispatch_follows_the_variant_suffix(data_source, boxed_score, answer_line_score):
+    assert compute_score(data_source, "so \\boxed{42}", "42") == boxed_score
+    assert compute_score(data_source, "so\nAnswer: 42", "42") == answer_line_score

@@ -17,7 +17,6 @@ from opd.pairing import check_pairing
 
 # Imported in every verl process (driver, task runner, workers) so the "opd" trainer is registered.
 _EXTERNAL_MODULES = ("opd.trainer",)
-_CPU_ENV_KEYS = ("VERL_PLATFORM", "PYTHONPATH", "TOKENIZERS_PARALLELISM")
 
 
 def validate_before_launch(config: DictConfig) -> OPDConfig:
@@ -36,14 +35,28 @@ def validate_before_launch(config: DictConfig) -> OPDConfig:
 
 
 def _default_reward_function(config: DictConfig) -> None:
-    """Grade with the project's rewards (``rewards.compute_score``) unless the user chose a function."""
+    """Grade with the project's rewards unless the user chose a function; check prompts and reward agree.
+
+    With the project's rewards, a ``\\boxed{}`` prompt graded by an ``Answer:`` parser (or a data source
+    without a scorer) stops the run here instead of scoring every sample 0.
+    """
     import rewards.dispatch
+    from rewards.agreement import check_reward_agreement
 
     reward_fn = config.reward.custom_reward_function
-    if not reward_fn.get("path"):
-        with open_dict(config):
-            reward_fn.path = rewards.dispatch.__file__
-            reward_fn.name = "compute_score"
+    if reward_fn.get("path"):
+        return
+    with open_dict(config):
+        reward_fn.path = rewards.dispatch.__file__
+        reward_fn.name = "compute_score"
+    try:
+        check_reward_agreement([*_as_list(config.data.train_files), *_as_list(config.data.val_files)])
+    except (ValueError, FileNotFoundError) as error:
+        raise OPDConfigError(f"data.train_files / data.val_files: {error}") from None
+
+
+def _as_list(files) -> list[str]:
+    return [str(files)] if isinstance(files, str) else [str(f) for f in files]
 
 
 def _reject_unsupported(config: DictConfig) -> None:
@@ -68,22 +81,6 @@ def _reject_unsupported(config: DictConfig) -> None:
         raise OPDConfigError(f"trainer.v1.trainer_mode must be 'opd', got {config.trainer.v1.trainer_mode!r}")
 
 
-def _export_env(config: DictConfig, env: dict[str, str]) -> None:
-    """Set variables here and in Ray's runtime env, so every actor process sees them."""
-    os.environ.update(env)
-    with open_dict(config):
-        runtime_env = config.ray_kwargs.ray_init.setdefault("runtime_env", {})
-        env_vars = runtime_env.setdefault("env_vars", {})
-        for key, value in env.items():
-            env_vars[key] = value
-
-
-def _external_modules_env(extra: tuple[str, ...]) -> dict[str, str]:
-    present = [m for m in os.environ.get("VERL_USE_EXTERNAL_MODULES", "").split(",") if m]
-    modules = present + [m for m in (*extra, *_EXTERNAL_MODULES) if m not in present]
-    return {"VERL_USE_EXTERNAL_MODULES": ",".join(modules)}
-
-
 def _user_override_keys() -> set[str]:
     from hydra.core.hydra_config import HydraConfig
 
@@ -95,20 +92,9 @@ def _user_override_keys() -> set[str]:
 def prepare(config: DictConfig) -> OPDConfig:
     """Everything that must happen before Ray starts: validation, backend choice, environment."""
     opd_config = validate_before_launch(config)
-    from common import cpu_backend
+    from common import launch
 
-    if cpu_backend.gpu_available():
-        _export_env(config, _external_modules_env(()))
-        return opd_config
-    user_keys = _user_override_keys()
-    overrides = [o.lstrip("+") for o in cpu_backend.cpu_hydra_overrides()]
-    overrides = [o for o in overrides if o.split("=", 1)[0] not in user_keys]
-    with open_dict(config):
-        config.merge_with(OmegaConf.from_dotlist(overrides))
-    cpu_env = cpu_backend.cpu_run_env()
-    modules = tuple(m for m in cpu_env["VERL_USE_EXTERNAL_MODULES"].split(",") if m)
-    exported = {key: cpu_env[key] for key in _CPU_ENV_KEYS if key in cpu_env}
-    _export_env(config, {**exported, **_external_modules_env(modules)})
+    launch.apply_to_config(config, _user_override_keys(), extra_modules=_EXTERNAL_MODULES)
     return opd_config
 
 

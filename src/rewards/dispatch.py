@@ -4,40 +4,115 @@ verl's reward managers call ``compute_score(data_source=..., solution_str=..., g
 extra_info=..., **extra)`` and accept a float (or a dict with a ``"score"`` key). Point verl at it
 with ``reward.custom_reward_function.path=pkg://rewards`` and ``.name=compute_score``, or with the
 file path of this package's ``__init__.py`` while ``src`` is on ``PYTHONPATH``.
+
+The data_source encodes the instruction variant of the prompt (``data.instructions``), so the scorer
+always reads the answer where the prompt asked for it: ``opd/<benchmark>`` (``\\boxed{}``) is graded
+by ``math_reward``, ``opd/<benchmark>@dapo`` by ``dapo_reward`` (last ``Answer:`` line) and
+``opd/<benchmark>@none`` by ``free_form_reward``; every ``opd/gsm8k*`` by the numeric ``gsm8k_reward``.
+``rewards.agreement`` checks data files against this table before a run starts.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from data.arithmetic import DATA_SOURCE as ARITHMETIC_DATA_SOURCE
+from data.instructions import INSTRUCTION_VARIANTS, data_source_name
 from rewards.arithmetic_reward import compute_arithmetic_score
+from rewards.dapo_reward import compute_dapo_score
+from rewards.free_form_reward import compute_free_form_score
+from rewards.gsm8k_reward import compute_gsm8k_score
 from rewards.math_reward import compute_math_score
 
 Scorer = Callable[[str, str], float]
 
-# Data sources whose ground truth is a LaTeX answer graded against the last \boxed{}.
-MATH_DATA_SOURCES = (
-    "opd/math",
-    "opd/gsm8k",
-    "opd/math500",
-    "opd/aime2024",
-    "opd/aime2025",
-    "opd/dapo_math",
-)
 
-_SCORERS: dict[str, Scorer] = {
-    ARITHMETIC_DATA_SOURCE: compute_arithmetic_score,
-    **dict.fromkeys(MATH_DATA_SOURCES, compute_math_score),
+@dataclass(frozen=True)
+class RewardFunction:
+    """A scorer with the answer format it reads and the instruction variants it agrees with.
+
+    ``accepts`` None means unknown (a user-registered scorer): the agreement check cannot judge it.
+    """
+
+    name: str
+    scorer: Scorer
+    answer_format: str
+    accepts: frozenset[str] | None
+
+
+_ALL_VARIANTS = frozenset(INSTRUCTION_VARIANTS)
+REWARD_FUNCTIONS: dict[str, RewardFunction] = {
+    reward.name: reward
+    for reward in (
+        RewardFunction("math_reward", compute_math_score, "the last \\boxed{}", frozenset({"boxed"})),
+        RewardFunction("dapo_reward", compute_dapo_score, "the last 'Answer:' line", frozenset({"dapo"})),
+        RewardFunction(
+            "free_form_reward",
+            compute_free_form_score,
+            "the last \\boxed{}, else 'Answer:' line, else last number",
+            _ALL_VARIANTS,
+        ),
+        RewardFunction(
+            "gsm8k_reward",
+            compute_gsm8k_score,
+            "the number in \\boxed{}, else on the 'Answer:' line, else the last number",
+            _ALL_VARIANTS,
+        ),
+        RewardFunction(
+            "arithmetic_reward",
+            compute_arithmetic_score,
+            "the number in \\boxed{}, else the last number",
+            frozenset({"boxed", "none"}),
+        ),
+    )
+}
+
+# Benchmarks whose ground truth is a LaTeX answer; the instruction variant picks the grader.
+MATH_BENCHMARKS = ("math", "math500", "aime2024", "aime2025", "dapo_math")
+MATH_REWARD_BY_VARIANT = {"boxed": "math_reward", "dapo": "dapo_reward", "none": "free_form_reward"}
+# data_sources of the boxed variant (the suffix-free names), kept for callers that list them.
+MATH_DATA_SOURCES = tuple(data_source_name(benchmark, "boxed") for benchmark in MATH_BENCHMARKS)
+
+_SCORERS: dict[str, RewardFunction] = {
+    ARITHMETIC_DATA_SOURCE: REWARD_FUNCTIONS["arithmetic_reward"],
+    **{
+        data_source_name(benchmark, variant): REWARD_FUNCTIONS[reward]
+        for benchmark in MATH_BENCHMARKS
+        for variant, reward in MATH_REWARD_BY_VARIANT.items()
+    },
+    # GSM8K answers are numbers: one numeric grader reads every variant's answer marker.
+    **{
+        data_source_name("gsm8k", variant): REWARD_FUNCTIONS["gsm8k_reward"]
+        for variant in INSTRUCTION_VARIANTS
+    },
 }
 
 
-def register_scorer(data_source: str, scorer: Scorer, *, overwrite: bool = False) -> None:
-    """Add a scorer ``scorer(solution_str, ground_truth) -> float`` for ``data_source``."""
+def register_scorer(
+    data_source: str, scorer: Scorer, *, overwrite: bool = False, accepts: Iterable[str] | None = None
+) -> None:
+    """Add a scorer ``scorer(solution_str, ground_truth) -> float`` for ``data_source``.
+
+    ``accepts`` names the instruction variants whose prompts the scorer grades (for
+    ``rewards.agreement``); leave it None if the scorer does not depend on the answer format.
+    """
     if data_source in _SCORERS and not overwrite:
         raise ValueError(f"a scorer is already registered for data_source {data_source!r}")
-    _SCORERS[data_source] = scorer
+    name = getattr(scorer, "__name__", type(scorer).__name__)
+    _SCORERS[data_source] = RewardFunction(
+        name, scorer, "custom", None if accepts is None else frozenset(accepts)
+    )
+
+
+def reward_function_named(name: str) -> RewardFunction:
+    """The reward function called ``name`` (``math_reward``, ``dapo_reward``, ...)."""
+    try:
+        return REWARD_FUNCTIONS[name]
+    except KeyError:
+        known = ", ".join(sorted(REWARD_FUNCTIONS))
+        raise ValueError(f"unknown reward function {name!r}; known: {known}") from None
 
 
 def known_data_sources() -> list[str]:
@@ -45,13 +120,18 @@ def known_data_sources() -> list[str]:
     return sorted(_SCORERS)
 
 
-def get_scorer(data_source: str) -> Scorer:
-    """The scorer for ``data_source``; raises ValueError naming it and the known ones."""
+def get_reward_function(data_source: str) -> RewardFunction:
+    """The reward function for ``data_source``; raises ValueError naming it and the known ones."""
     try:
         return _SCORERS[str(data_source)]
     except KeyError:
         known = ", ".join(known_data_sources())
         raise ValueError(f"no reward for data_source {data_source!r}; known data sources: {known}") from None
+
+
+def get_scorer(data_source: str) -> Scorer:
+    """The scorer for ``data_source``; raises ValueError naming it and the known ones."""
+    return get_reward_function(data_source).scorer
 
 
 def compute_score(
