@@ -89,3 +89,23 @@ def test_head_smaller_than_the_tokenizer_is_rejected(tmp_path, teacher_dir):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(OPDConfigError, match="output heads share"):
         check_pairing(str(tmp_path), teacher_dir)
+
+
+def test_different_eos_token_is_rejected(tmp_path, teacher_dir):
+    build_tiny_model(tmp_path, vocab_size=TOKENIZER_SIZE)
+    tokenizer_config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    tokenizer_config["eos_token"] = "<|endoftext|>"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    with pytest.raises(OPDConfigError, match="eos_token_id differs"):
+        check_pairing(str(tmp_path), teacher_dir)
+
+
+def test_different_chat_template_is_a_warning(tmp_path, teacher_dir, caplog):
+    tokenizer = build_tiny_tokenizer(tmp_path)
+    tokenizer.chat_template = "{{ messages[0]['content'] }}"
+    build_tiny_model(tmp_path / "model", vocab_size=TOKENIZER_SIZE)
+    (tmp_path / "config.json").write_text((tmp_path / "model" / "config.json").read_text())
+    tokenizer.save_pretrained(str(tmp_path))
+    with caplog.at_level("WARNING"):
+        check_pairing(str(tmp_path), teacher_dir)
+    assert "chat template differs" in caplog.text

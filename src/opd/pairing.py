@@ -8,9 +8,12 @@ shared first ``min(V_student, V_teacher)`` rows.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from opd.config import OPDConfigError
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,8 @@ def check_pairing(student_path: str, teacher_path: str) -> VocabPairing:
     teacher_tok = AutoTokenizer.from_pretrained(teacher_path)
     student_vocab, teacher_vocab = student_tok.get_vocab(), teacher_tok.get_vocab()
     _check_same_ids(student_vocab, teacher_vocab)
+    _check_special_tokens(student_tok, teacher_tok)
+    _warn_on_chat_template(student_tok, teacher_tok)
 
     student_rows = _output_rows(AutoConfig.from_pretrained(student_path), student_path)
     teacher_rows = _output_rows(AutoConfig.from_pretrained(teacher_path), teacher_path)
@@ -69,6 +74,29 @@ def _check_same_ids(student_vocab: dict[str, int], teacher_vocab: dict[str, int]
             "opd.teacher_model_path: teacher and student tokenizers disagree on "
             f"{len(moved)} moved, {len(missing)} teacher-only and {len(extra)} student-only tokens, "
             f"e.g. {'; '.join(examples)}"
+        )
+
+
+# The teacher scores the student's end of turn and start of sequence: they must be the same tokens.
+_SPECIAL_TOKENS = ("bos_token_id", "eos_token_id")
+
+
+def _check_special_tokens(student_tok, teacher_tok) -> None:
+    for attribute in _SPECIAL_TOKENS:
+        student_id, teacher_id = getattr(student_tok, attribute), getattr(teacher_tok, attribute)
+        if student_id != teacher_id:
+            raise OPDConfigError(
+                f"opd.teacher_model_path: {attribute} differs: student {student_id}, teacher {teacher_id}"
+            )
+
+
+def _warn_on_chat_template(student_tok, teacher_tok) -> None:
+    # the teacher reads the student's prompt as templated for the student; a different template is
+    # allowed (same tokens, other formatting) but usually a mistake worth seeing
+    if getattr(student_tok, "chat_template", None) != getattr(teacher_tok, "chat_template", None):
+        logger.warning(
+            "opd: the teacher's chat template differs from the student's; the teacher will score "
+            "prompts formatted with the student's template"
         )
 
 
