@@ -20,6 +20,7 @@ from bench_loss_memory import naive_distill_loss  # noqa: E402
 from memtrack import StorageTracker, measure_peak_bytes  # noqa: E402
 
 from opd.losses import LOSS_REGISTRY, chunked_distill_loss, register_loss  # noqa: E402
+from opd.topk_losses import chunked_topk_forward_kl, teacher_topk_signal  # noqa: E402
 
 VOCAB = 4096
 CHUNK = 128
@@ -139,3 +140,63 @@ def test_naive_extra_peak_grows_with_tokens():
     small, large = extra_peak_bytes(naive_step, 256), extra_peak_bytes(naive_step, 1024)
     assert large >= 3.5 * small
     assert large > 16 * CHUNK_BYTES  # i.e. it would fail the bounds above
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Skew KLs and the top-k signal path
+# ------------------------------------------------------------------------------------------------------------
+
+TOPK = 64
+
+
+@pytest.mark.parametrize("loss_type", ["skew_kl", "skew_reverse_kl"])
+def test_skew_losses_are_flat(loss_type):
+    assert_flat(loss_type, TOKEN_COUNTS[:2])
+
+
+def topk_extra_peak_bytes(n: int) -> int:
+    """Peak bytes of top-k loss forward + backward beyond the student grad [n, V] and the 5 stats [n]."""
+    student, teacher, ids, weights = make_inputs(n)
+    signal = teacher_topk_signal(teacher, TOPK, temperature=0.9, chunk_size=CHUNK)
+    del teacher  # the point of the signal: the full teacher logits are not needed by the loss
+
+    def step():
+        loss, stats = chunked_topk_forward_kl(
+            student, signal, ids, weights, chunk_size=CHUNK, temperature=0.9
+        )
+        loss.backward()
+        return loss, stats
+
+    peak = measure_peak_bytes(step)
+    return peak - (student.numel() * student.element_size() + 5 * n * 4)
+
+
+def test_topk_loss_extra_peak_is_flat_in_tokens():
+    extras = {n: topk_extra_peak_bytes(n) for n in TOKEN_COUNTS}
+    in_chunks = {n: round(e / CHUNK_BYTES, 2) for n, e in extras.items()}  # shown on failure
+    for n in TOKEN_COUNTS:
+        assert extras[n] <= 1.5 * extras[TOKEN_COUNTS[0]], in_chunks
+        assert extras[n] < 6 * CHUNK_BYTES, in_chunks
+
+
+def test_topk_signal_extra_peak_is_flat_in_tokens():
+    extras = {}
+    for n in TOKEN_COUNTS[:2]:
+        _, teacher, _, _ = make_inputs(n)
+        peak = measure_peak_bytes(lambda t=teacher: teacher_topk_signal(t, TOPK, chunk_size=CHUNK))
+        extras[n] = peak - n * (TOPK * 8 + 4)  # minus the signal itself
+    in_chunks = {n: round(e / CHUNK_BYTES, 2) for n, e in extras.items()}
+    assert extras[TOKEN_COUNTS[1]] <= 1.5 * extras[TOKEN_COUNTS[0]], in_chunks
+    assert max(extras.values()) < 6 * CHUNK_BYTES, in_chunks
+
+
+def test_topk_forward_saves_no_chunk_intermediates():
+    n = 1024
+    student, teacher, ids, weights = make_inputs(n)
+    signal = teacher_topk_signal(teacher, TOPK, chunk_size=CHUNK)
+    with StorageTracker() as tracker:
+        loss, _stats = chunked_topk_forward_kl(student, signal, ids, weights, chunk_size=CHUNK)
+        # Between forward and backward only the loss scalar and the five [N] stats may be alive.
+        assert tracker.current <= 5 * n * 4 + 64
+        assert tracker.peak < 6 * CHUNK_BYTES
+        loss.backward()

@@ -16,7 +16,7 @@ of ``chunk_size`` rows and upcast one chunk at a time, so only one chunk's ``[ch
 intermediates are ever alive. Only the input tensors are saved for backward, which recomputes each chunk's
 log-softmax. The only ``O(N * V)`` allocation is the gradient of ``student_logits`` itself, which autograd
 needs anyway. Measured peaks beyond that gradient, in ``[chunk_size, V]`` fp32 buffers: forward about 5
-(reverse/forward KL) or 6 (jsd); backward about 4 for the built-in losses, which have closed-form
+(reverse/forward KL) or 6 (jsd, skew KLs); backward about 4 for the built-in losses, which have closed-form
 gradients that reuse their buffers in place (``logit_grad``); a loss without one falls back to autograd on
 the recomputed chunk, whose cost depends on the loss (about 11 for jsd done that way). For V = 151936 and
 chunk_size = 1024 one buffer is 0.58 GiB. Backward syncs with the device once per chunk (to skip chunks whose
@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import numbers
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -45,6 +46,9 @@ LOSS_REGISTRY: dict[str, LossFn] = {}
 
 LOGIT_GRAD_REGISTRY: dict[str, LossFn] = {}
 """name -> optional closed-form gradient of that divergence; losses without one use autograd in backward."""
+
+PARAM_CHECK_REGISTRY: dict[str, Callable[..., None]] = {}
+"""name -> optional validator of that loss's keyword params; raises ValueError naming the bad param."""
 
 
 @dataclass
@@ -66,7 +70,9 @@ class TokenStats:
 # ----------------------------------------------------------------------------------------------------
 
 
-def register_loss(name: str, *, logit_grad: LossFn | None = None) -> Callable[[LossFn], LossFn]:
+def register_loss(
+    name: str, *, logit_grad: LossFn | None = None, check_params: Callable[..., None] | None = None
+) -> Callable[[LossFn], LossFn]:
     """Decorator adding a per-token divergence to ``LOSS_REGISTRY`` under ``name``.
 
     The function receives ``student_logp`` [c, V] and ``teacher_logp`` [c, V] (log-probabilities, fp32;
@@ -79,6 +85,9 @@ def register_loss(name: str, *, logit_grad: LossFn | None = None) -> Callable[[L
     in closed form. It MAY overwrite both inputs (they are private per-chunk buffers) and should, because
     reusing them instead of keeping autograd's intermediates is what makes the built-in losses' backward
     cheaper than their forward.
+
+    ``check_params`` (optional) receives the keyword params it names, once per call and before any chunk
+    runs, and raises ValueError naming a bad one (``skew_kl`` uses it to reject ``alpha`` outside [0, 1)).
     """
 
     def decorator(fn: LossFn) -> LossFn:
@@ -88,6 +97,8 @@ def register_loss(name: str, *, logit_grad: LossFn | None = None) -> Callable[[L
         LOSS_REGISTRY[name] = fn
         if logit_grad is not None:
             LOGIT_GRAD_REGISTRY[name] = logit_grad
+        if check_params is not None:
+            PARAM_CHECK_REGISTRY[name] = check_params
         return fn
 
     return decorator
@@ -176,6 +187,98 @@ def jsd(student_logp: torch.Tensor, teacher_logp: torch.Tensor, beta: float = 0.
     """
     log_m = torch.logaddexp(teacher_logp + math.log(beta), student_logp + math.log1p(-beta))
     return beta * _kl(teacher_logp, log_m) + (1.0 - beta) * _kl(student_logp, log_m)
+
+
+# Skew KL (DistiLLM, Ko et al. 2024): KL against a mixture that keeps a share alpha of the first argument,
+# m = alpha a + (1 - alpha) b >= alpha a. The divergence stays finite where b = 0 (for alpha > 0) and the
+# gradient is bounded, which is the point of the skew; alpha = 0 gives the plain KL back exactly.
+
+SKEW_ALPHA_DEFAULT = 0.1
+
+
+def _check_alpha(alpha: float = SKEW_ALPHA_DEFAULT) -> None:
+    """Raise ValueError unless ``0 <= alpha < 1``; alpha = 1 would make the mixture equal to ``a``."""
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0.0 <= alpha < 1.0:
+        raise ValueError(f"alpha must be a number with 0 <= alpha < 1, got {alpha!r}")
+
+
+def _log_or_neg_inf(x: float) -> float:
+    """log(x) with log(0) = -inf, so that alpha = 0 drops the alpha share of the mixture exactly."""
+    return math.log(x) if x > 0 else -math.inf
+
+
+def _skew_log_mix(log_a: torch.Tensor, log_b: torch.Tensor, alpha: float) -> torch.Tensor:
+    """log m for m = alpha a + (1 - alpha) b, as a logaddexp of log-probs; [c, V] x2 -> [c, V]."""
+    return torch.logaddexp(log_a + _log_or_neg_inf(alpha), log_b + math.log1p(-alpha))
+
+
+def _skew_log_ratio(
+    log_a: torch.Tensor, log_b: torch.Tensor, alpha: float, out: torch.Tensor
+) -> torch.Tensor:
+    """log(a / m) for m = alpha a + (1 - alpha) b, written into ``out``; [c, V] x2 -> [c, V].
+
+    m / a = alpha + (1 - alpha) b / a, so log(a / m) = -logaddexp(log alpha, log(1 - alpha) + log b - log a).
+    Only a ratio of the two distributions appears, so there is no tiny * huge product, and with ``out`` one
+    of the inputs no [c, V] temporary is needed. ``log_a`` must be finite where it matters: a = 0 rows are
+    the caller's to mask.
+    """
+    x = torch.sub(log_b, log_a, out=out).add_(math.log1p(-alpha))
+    log_alpha = torch.tensor(_log_or_neg_inf(alpha), dtype=x.dtype, device=x.device)
+    return torch.logaddexp(x, log_alpha, out=x).neg_()
+
+
+def _skew_kl_logit_grad(
+    student_logp: torch.Tensor, teacher_logp: torch.Tensor, alpha: float = SKEW_ALPHA_DEFAULT
+) -> torch.Tensor:
+    """d KL(q || m) / dz for m = alpha q + (1 - alpha) p; overwrites both inputs; [c, V] x2 -> [c, V].
+
+    dD/dp_v = -(1 - alpha) q_v / m_v; through the softmax Jacobian: (1 - alpha) (p S - u) with
+    u = p q / m and S = sum_v u_v. u = exp(log p + log(q / m)) is exactly 0 where q = 0 (log(q / m) = -inf
+    there), and for alpha = 0 it is q, giving the forward-KL gradient p - q.
+    """
+    # log(q / m) = -log(m / q); m / q = alpha + (1 - alpha) p / q, i.e. the ratio helper with a = q, b = p.
+    log_u = _skew_log_ratio(teacher_logp, student_logp, alpha, out=teacher_logp).add_(student_logp)
+    u = log_u.exp_()
+    total = u.sum(dim=-1, keepdim=True)
+    return student_logp.exp_().mul_(total).sub_(u).mul_(1.0 - alpha)
+
+
+def _skew_reverse_kl_logit_grad(
+    student_logp: torch.Tensor, teacher_logp: torch.Tensor, alpha: float = SKEW_ALPHA_DEFAULT
+) -> torch.Tensor:
+    """d KL(p || m) / dz for m = alpha p + (1 - alpha) q; overwrites both inputs; [c, V] x2 -> [c, V].
+
+    dD/dp_v = r_v + 1 - alpha p_v / m_v with r = log(p / m); through the softmax Jacobian (the constant
+    cancels): p (h - sum_v p_v h_v) with h = r - alpha exp(r). For alpha = 0 this is the reverse-KL gradient.
+    """
+    h = _skew_log_ratio(student_logp, teacher_logp, alpha, out=teacher_logp)
+    if alpha > 0:  # skipped at alpha = 0, where exp(r) may be inf (q = 0) and 0 * inf would be nan
+        h.sub_(h.exp().mul_(alpha))
+    return _kl_logit_grad(student_logp.exp_(), h)
+
+
+@register_loss("skew_kl", logit_grad=_skew_kl_logit_grad, check_params=_check_alpha)
+def skew_kl(
+    student_logp: torch.Tensor, teacher_logp: torch.Tensor, alpha: float = SKEW_ALPHA_DEFAULT
+) -> torch.Tensor:
+    """Skew forward KL, KL(q || alpha q + (1 - alpha) p), 0 <= alpha < 1; [c, V] x2 -> [c].
+
+    = sum_v q_v (log q_v - log(alpha q_v + (1 - alpha) p_v)). Mass-covering like forward KL (alpha = 0),
+    but bounded by -log(alpha) since m >= alpha q. ``alpha`` comes from ``loss_params``.
+    """
+    return _kl(teacher_logp, _skew_log_mix(teacher_logp, student_logp, alpha))
+
+
+@register_loss("skew_reverse_kl", logit_grad=_skew_reverse_kl_logit_grad, check_params=_check_alpha)
+def skew_reverse_kl(
+    student_logp: torch.Tensor, teacher_logp: torch.Tensor, alpha: float = SKEW_ALPHA_DEFAULT
+) -> torch.Tensor:
+    """Skew reverse KL, KL(p || alpha p + (1 - alpha) q), 0 <= alpha < 1; [c, V] x2 -> [c].
+
+    = sum_v p_v (log p_v - log(alpha p_v + (1 - alpha) q_v)). Mode-seeking like reverse KL (alpha = 0), but
+    finite where the teacher gives zero probability (bounded by -log(alpha)). ``alpha`` from ``loss_params``.
+    """
+    return _kl(student_logp, _skew_log_mix(student_logp, teacher_logp, alpha))
 
 
 def _params_for(fn: LossFn, params: dict[str, Any]) -> dict[str, Any]:
@@ -389,12 +492,17 @@ def _check_tensors(student_logits, teacher_logits, token_ids, token_weights) -> 
         raise ValueError(f"token_weights must be floating point, got {token_weights.dtype}")
 
 
-def _check_scalars(loss_fn: LossFn, chunk_size: int, temperature: float, beta: float) -> None:
-    """Raise ValueError for a non-positive chunk size or temperature, or beta outside (0, 1)."""
+def _check_chunk_and_temperature(chunk_size: int, temperature: float) -> None:
+    """Raise ValueError for a chunk size that is not a positive int or a temperature that is not > 0."""
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     if not (math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+
+
+def _check_scalars(loss_fn: LossFn, chunk_size: int, temperature: float, beta: float) -> None:
+    """Raise ValueError for a non-positive chunk size or temperature, or beta outside (0, 1)."""
+    _check_chunk_and_temperature(chunk_size, temperature)
     # beta is a mixture weight for every loss that names it; the ends make the JSD degenerate (0/0 terms).
     if "beta" in inspect.signature(loss_fn).parameters and not 0.0 < beta < 1.0:
         raise ValueError(f"beta must be strictly between 0 and 1, got {beta!r}")
@@ -428,11 +536,13 @@ def chunked_distill_loss(
         token_ids: [N] integer, the sampled tokens (stats only); every id must be < min(V_s, V_t).
         token_weights: [N] float, 0 where masked. The caller folds the loss mask, any reward weights and the
             global token-mean normaliser into it (e.g. ``mask / mask.sum()`` over the whole global batch).
-        loss_type: a key of ``LOSS_REGISTRY`` ("reverse_kl", "forward_kl", "jsd", ...).
+        loss_type: a key of ``LOSS_REGISTRY`` ("reverse_kl", "forward_kl", "jsd", "skew_kl",
+            "skew_reverse_kl", ...).
         chunk_size: rows processed at a time; peak extra memory is a few [chunk_size, V] fp32 buffers.
         temperature: applied to BOTH student and teacher logits (project temperature rule).
         beta: mixture weight for losses that take it (jsd: m = beta q + (1 - beta) p), strictly in (0, 1).
-        loss_params: optional extra keyword params for losses registered outside this module (e.g. the
+        loss_params: optional extra keyword params, e.g. ``{"alpha": 0.1}`` for ``skew_kl`` /
+            ``skew_reverse_kl`` (0 <= alpha < 1), or those of losses registered outside this module (the
             ``opd.extra`` config block); like ``beta``, each loss only receives the names it accepts.
 
     Returns:
@@ -443,6 +553,9 @@ def chunked_distill_loss(
     _check_scalars(loss_fn, chunk_size, temperature, beta)
     _check_tensors(student_logits, teacher_logits, token_ids, token_weights)
     params = _merge_params(beta, loss_params)
+    check = PARAM_CHECK_REGISTRY.get(loss_type)
+    if check is not None:
+        check(**_params_for(check, params))
     logit_grad = LOGIT_GRAD_REGISTRY.get(loss_type)
     setup = _Setup(
         loss_fn=loss_fn,
