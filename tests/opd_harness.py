@@ -16,8 +16,8 @@ TINY_OVERRIDES = (
 )
 
 
-def tiny_worker(student: str, teacher: str, **kwargs):
-    return make_worker(compose_opd_config(student, teacher, *TINY_OVERRIDES), **kwargs)
+def tiny_worker(student: str, teacher: str, *overrides: str, **kwargs):
+    return make_worker(compose_opd_config(student, teacher, *TINY_OVERRIDES, *overrides), **kwargs)
 
 
 def rollout_batch(num_samples: int, *, seed: int = 0) -> TensorDict:

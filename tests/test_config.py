@@ -40,11 +40,20 @@ def test_defaults_are_valid(teacher_dir):
         ({"overlength": "ignore"}, "opd.overlength"),
         ({"val_num_prompts": -1}, "opd.val_num_prompts"),
         ({"val_max_new_tokens": 0}, "opd.val_max_new_tokens"),
+        ({"skew_alpha": 1.0}, "opd.skew_alpha"),
+        ({"skew_alpha": -0.1}, "opd.skew_alpha"),
+        ({"topk": 0}, "opd.topk"),
     ],
 )
 def test_each_bad_key_is_named(teacher_dir, overrides, key):
     with pytest.raises(OPDConfigError, match=key.replace(".", r"\.")):
         _config(teacher_dir, **overrides).validate()
+
+
+def test_loss_type_selects_the_teacher_signal(teacher_dir):
+    assert _config(teacher_dir, loss_type="forward_kl_topk").validate().teacher_signal == "topk"
+    for loss in ("reverse_kl", "forward_kl", "jsd", "skew_kl", "skew_reverse_kl"):
+        assert _config(teacher_dir, loss_type=loss).validate().teacher_signal == "full"
 
 
 def test_unknown_loss_lists_the_valid_ones(teacher_dir):

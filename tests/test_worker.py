@@ -98,7 +98,8 @@ def test_non_finite_gradient_skips_the_step_and_reports_it(worker, monkeypatch):
 
     def poisoned_phase(*args, **kwargs):
         cache = real_phase(*args, **kwargs)
-        cache.logits = [torch.full_like(logits, float("nan")) for logits in cache.logits]
+        for signal in cache.signals:
+            signal.logits = torch.full_like(signal.logits, float("nan"))
         return cache
 
     monkeypatch.setattr(opd.worker, "run_teacher_phase", poisoned_phase)
@@ -107,3 +108,25 @@ def test_non_finite_gradient_skips_the_step_and_reports_it(worker, monkeypatch):
     after = full_state(worker.student.module)
     assert metrics["opd/skipped_step"] == 1
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_topk_signal_caches_a_few_bytes_per_token_and_trains(models):
+    student, teacher = models
+    worker = tiny_worker(student, teacher, "opd.loss_type=forward_kl_topk", "opd.topk=8")
+    before = full_state(worker.student.module)
+    metrics = worker.update_actor(rollout_batch(4, seed=9))["metrics"]
+    # 8 x (int32 id + fp32 log-prob) + fp32 tail + fp32 sampled-token log-prob
+    assert metrics["opd/cache_bytes_per_token"] == 8 * 8 + 4 + 4
+    assert 0 < metrics["opd/teacher_topk_mass"] <= 1
+    assert 0 <= metrics["opd/sampled_token_in_topk"] <= 1
+    assert metrics["opd/loss"] > 0 and metrics["opd/skipped_step"] == 0
+    after = full_state(worker.student.module)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_topk_equal_to_full_vocabulary_matches_forward_kl(models):
+    student, teacher = models
+    data = rollout_batch(4, seed=10)
+    full = tiny_worker(student, teacher, "opd.loss_type=forward_kl").update_actor(data)["metrics"]
+    topk = tiny_worker(student, teacher, "opd.loss_type=forward_kl_topk", f"opd.topk={TOKENIZER_SIZE}")
+    assert topk.update_actor(data)["metrics"]["opd/loss"] == pytest.approx(full["opd/loss"], rel=1e-3)

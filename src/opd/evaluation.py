@@ -39,7 +39,7 @@ def evaluate_held_out(
         teacher_answers = _generate(teacher, prompts, config, eos_token_id, pad_token_id, sample=False)
     own = _split(_answer_batch(prompts, student_answers))
     teachers = _split(_answer_batch(prompts, teacher_answers))
-    cache = run_teacher_phase(teacher, own + teachers, pad_token_id=pad_token_id).logits
+    cache = [s.logits for s in run_teacher_phase(teacher, own + teachers, pad_token_id=pad_token_id).signals]
 
     reverse = _divergence_sums(student, own, cache[: len(own)], "reverse_kl", config, pad_token_id)
     forward = _divergence_sums(student, teachers, cache[len(own) :], "forward_kl", config, pad_token_id)

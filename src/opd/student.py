@@ -11,9 +11,12 @@ from common.batch import OPDBatch, response_token_ids
 from opd.config import OPDConfig
 from opd.losses import chunked_distill_loss
 from opd.model_forward import response_logits
+from opd.teacher import CachedSignal
+from opd.topk_losses import chunked_topk_forward_kl
 
-# Sums all-reduced over the data-parallel group, in this order.
+# Sums all-reduced over the data-parallel group; the last two exist only for the top-k signal.
 _SUM_KEYS = ("loss", "sampled_reverse_kl", "teacher_nll", "student_entropy", "num_tokens")
+_TOPK_KEYS = ("teacher_topk_mass", "sampled_token_in_topk")
 
 
 def token_weights(batch: OPDBatch, scale: float) -> torch.Tensor:
@@ -36,7 +39,7 @@ def global_token_count(micro_batches: list[OPDBatch], dp_group, device) -> int:
 def train_student_step(
     engine,
     micro_batches: list[OPDBatch],
-    teacher_logits: list[torch.Tensor],
+    teacher_signals: list[CachedSignal],
     *,
     config: OPDConfig,
     pad_token_id: int,
@@ -53,47 +56,67 @@ def train_student_step(
     dp_size = dist.get_world_size(group=dp_group)
     global_tokens = global_token_count(micro_batches, dp_group, device)
     scale = dp_size / max(global_tokens, 1)
-    sums = torch.zeros(len(_SUM_KEYS), dtype=torch.float64, device=device)
-    for micro_batch, cached in zip(micro_batches, teacher_logits, strict=True):
+    keys = _SUM_KEYS + (_TOPK_KEYS if teacher_signals[0].topk is not None else ())
+    sums = torch.zeros(len(keys), dtype=torch.float64, device=device)
+    for micro_batch, cached in zip(micro_batches, teacher_signals, strict=True):
         sums += _accumulate_micro_batch(engine, micro_batch, cached, config, pad_token_id, scale, device)
 
     grad_norm = engine.optimizer_step()
     dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=dp_group)
-    totals = dict(zip(_SUM_KEYS, sums.tolist(), strict=True))
-    denominator = max(totals["num_tokens"], 1.0)
-    return {
-        "opd/loss": totals["loss"] / denominator,
-        "opd/sampled_reverse_kl": totals["sampled_reverse_kl"] / denominator,
-        "opd/teacher_nll": totals["teacher_nll"] / denominator,
-        "opd/student_entropy": totals["student_entropy"] / denominator,
-        "opd/num_tokens": totals["num_tokens"],
-        "opd/grad_norm": float(grad_norm),
-        "opd/skipped_step": float(not math.isfinite(grad_norm)),
-    }
+    totals = dict(zip(keys, sums.tolist(), strict=True))
+    num_tokens = totals.pop("num_tokens")
+    metrics = {f"opd/{key}": value / max(num_tokens, 1.0) for key, value in totals.items()}
+    metrics.update(
+        {
+            "opd/num_tokens": num_tokens,
+            "opd/grad_norm": float(grad_norm),
+            "opd/skipped_step": float(not math.isfinite(grad_norm)),
+        }
+    )
+    return metrics
 
 
 def _accumulate_micro_batch(engine, micro_batch, cached, config, pad_token_id, scale, device) -> torch.Tensor:
+    """Forward, loss, backward of one micro-batch; returns its sums in the order of the metric keys."""
     logits = response_logits(engine, micro_batch, pad_token_id=pad_token_id)
     weights = token_weights(micro_batch, scale).to(device)
     mask = torch.cat(micro_batch.loss_mask).to(device)
-    loss, stats = chunked_distill_loss(
-        logits,
-        cached.to(device, non_blocking=True),
-        response_token_ids(micro_batch).to(device),
-        weights,
-        loss_type=config.loss_type,
-        chunk_size=config.chunk_size,
-        temperature=config.temperature,
-        beta=config.beta,
-    )
+    token_ids = response_token_ids(micro_batch).to(device)
+    if cached.topk is not None:
+        loss, stats = chunked_topk_forward_kl(
+            logits,
+            cached.topk.to(device),
+            token_ids,
+            weights,
+            chunk_size=config.chunk_size,
+            temperature=config.temperature,
+            vocab_limit=logits.shape[-1],
+        )
+        teacher_logp = cached.sampled_logp.to(device)
+        topk_sums = [_masked_sum(stats.teacher_topk_mass, mask), _masked_sum(stats.sampled_in_topk, mask)]
+    else:
+        loss, stats = chunked_distill_loss(
+            logits,
+            cached.logits.to(device, non_blocking=True),
+            token_ids,
+            weights,
+            loss_type=config.loss_type,
+            chunk_size=config.chunk_size,
+            temperature=config.temperature,
+            beta=config.beta,
+            loss_params=config.loss_params(),
+        )
+        teacher_logp = stats.teacher_logp
+        topk_sums = []
     loss.backward()
     return torch.stack(
         [
             _masked_sum(weights * stats.divergence, weights != 0) / scale,
-            _masked_sum(stats.student_logp - stats.teacher_logp, mask),
-            _masked_sum(-stats.teacher_logp, mask),
+            _masked_sum(stats.student_logp - teacher_logp, mask),
+            _masked_sum(-teacher_logp, mask),
             _masked_sum(stats.student_entropy, mask),
             mask.sum().double(),
+            *topk_sums,
         ]
     )
 

@@ -7,25 +7,69 @@ from dataclasses import dataclass
 
 import torch
 
-from common.batch import OPDBatch
+from common.batch import OPDBatch, response_token_ids
 from opd.model_forward import response_logits
+from opd.topk_losses import TopKSignal, teacher_sampled_logp, teacher_topk_signal
+
+
+@dataclass(frozen=True)
+class SignalSpec:
+    """What the teacher phase keeps per response token: the signal the loss needs, nothing more."""
+
+    kind: str = "full"
+    """'full': bf16 logits over the teacher's whole vocabulary (2 * V bytes per token);
+    'topk': top-k ids and log-probs, a tail bucket and the sampled token's log-prob (k * 8 + 8 bytes)."""
+
+    topk: int = 64
+    """Entries per token of the 'topk' signal."""
+
+    temperature: float = 1.0
+    """Temperature of the 'topk' log-probs: the loss temperature, as on the student side."""
+
+    chunk_size: int = 1024
+    """Tokens per chunk when turning logits into the 'topk' signal."""
+
+    vocab_limit: int | None = None
+    """Student output rows: ids the student cannot produce are left out of the 'topk' signal."""
+
+
+@dataclass
+class CachedSignal:
+    """The teacher signal of one micro-batch, on the host."""
+
+    logits: torch.Tensor | None = None
+    """'full': ``[sum R_i, V_t]`` bf16 (pinned when a GPU exists)."""
+
+    topk: TopKSignal | None = None
+    """'topk': ids ``[sum R_i, k]``, log-probs ``[sum R_i, k]`` and tail ``[sum R_i]``."""
+
+    sampled_logp: torch.Tensor | None = None
+    """'topk': ``[sum R_i]`` teacher log-prob of each sampled token (for the sampled-token metrics)."""
+
+    def num_bytes(self) -> int:
+        parts = [self.logits, self.sampled_logp] + (
+            [self.topk.ids, self.topk.logp, self.topk.tail_logp] if self.topk is not None else []
+        )
+        return sum(t.numel() * t.element_size() for t in parts if t is not None)
+
+    def num_tokens(self) -> int:
+        return self.logits.shape[0] if self.logits is not None else self.sampled_logp.shape[0]
 
 
 @dataclass
 class TeacherCache:
     """Teacher signal for every micro-batch of one update, held in host memory."""
 
-    logits: list[torch.Tensor]
-    """Per micro-batch ``[sum R_i, V_t]`` bf16 on CPU (pinned when a GPU exists)."""
+    signals: list[CachedSignal]
 
     @property
     def num_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.logits)
+        return sum(s.num_bytes() for s in self.signals)
 
     @property
     def bytes_per_token(self) -> float:
-        """Host bytes per cached response position (2 * V for full bf16 logits)."""
-        return self.num_bytes / max(sum(t.shape[0] for t in self.logits), 1)
+        """Host bytes per cached response position (``opd/cache_bytes_per_token``)."""
+        return self.num_bytes / max(sum(s.num_tokens() for s in self.signals), 1)
 
 
 def build_teacher_engine(model_config, engine_config, optimizer_config, checkpoint_config):
@@ -62,21 +106,33 @@ def build_teacher_engine(model_config, engine_config, optimizer_config, checkpoi
 
 
 @torch.no_grad()
-def run_teacher_phase(engine, micro_batches: list[OPDBatch], *, pad_token_id: int) -> TeacherCache:
-    """Phase 1: onload the teacher, forward every micro-batch, keep response logits on CPU, offload."""
-    pin = torch.cuda.is_available()
-    cached = []
+def run_teacher_phase(
+    engine, micro_batches: list[OPDBatch], *, pad_token_id: int, spec: SignalSpec = SignalSpec()
+) -> TeacherCache:
+    """Phase 1: onload the teacher, forward every micro-batch, keep the signal on the host, offload."""
+    signals = []
     with engine.eval_mode():
         for micro_batch in micro_batches:
             logits = response_logits(engine, micro_batch, pad_token_id=pad_token_id)
-            host = torch.empty(logits.shape, dtype=torch.bfloat16, pin_memory=pin)
-            host.copy_(logits, non_blocking=pin)
-            cached.append(host)
+            signals.append(_to_host_signal(logits, response_token_ids(micro_batch), spec))
             del logits
-        if pin:
+        if torch.cuda.is_available():
             torch.cuda.synchronize()
     _free_device_memory()
-    return TeacherCache(logits=cached)
+    return TeacherCache(signals=signals)
+
+
+def _to_host_signal(logits: torch.Tensor, token_ids: torch.Tensor, spec: SignalSpec) -> CachedSignal:
+    if spec.kind == "full":
+        pin = torch.cuda.is_available()
+        host = torch.empty(logits.shape, dtype=torch.bfloat16, pin_memory=pin)
+        host.copy_(logits, non_blocking=pin)
+        return CachedSignal(logits=host)
+    options = dict(temperature=spec.temperature, chunk_size=spec.chunk_size, vocab_limit=spec.vocab_limit)
+    return CachedSignal(
+        topk=teacher_topk_signal(logits, spec.topk, **options).to("cpu"),
+        sampled_logp=teacher_sampled_logp(logits, token_ids.to(logits.device), **options).cpu(),
+    )
 
 
 def _free_device_memory() -> None:

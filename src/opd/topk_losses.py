@@ -33,6 +33,9 @@ import torch
 
 from opd.losses import _check_chunk_and_temperature, _entropy, _log_probs, _masked_weighted_sum
 
+TOPK_LOSS = "forward_kl_topk"
+"""``opd.loss_type`` of :func:`chunked_topk_forward_kl`; its teacher signal is :class:`TopKSignal`."""
+
 # ----------------------------------------------------------------------------------------------------
 # Teacher signal
 # ----------------------------------------------------------------------------------------------------

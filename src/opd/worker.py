@@ -24,7 +24,7 @@ from opd.config import OPDConfig
 from opd.devices import current_device, phase_meter
 from opd.evaluation import evaluate_held_out
 from opd.student import train_student_step
-from opd.teacher import build_teacher_engine, run_teacher_phase
+from opd.teacher import SignalSpec, build_teacher_engine, run_teacher_phase
 
 
 class OPDActorRolloutWorker(ActorRolloutRefWorker):
@@ -50,6 +50,13 @@ class OPDActorRolloutWorker(ActorRolloutRefWorker):
         )
         self.micro_batch_size = int(self.config.actor.ppo_micro_batch_size_per_gpu)
         self._teacher_answers: dict[tuple, list[torch.Tensor]] = {}
+        self.signal_spec = SignalSpec(
+            kind=self.opd_config.teacher_signal,
+            topk=self.opd_config.topk,
+            temperature=self.opd_config.temperature,
+            chunk_size=self.opd_config.chunk_size,
+            vocab_limit=int(self.student.model_config.hf_config.vocab_size),
+        )
 
     def _teacher_model_config(self):
         teacher_path = self.config.opd.teacher_model_path
@@ -64,9 +71,11 @@ class OPDActorRolloutWorker(ActorRolloutRefWorker):
         steps = self._plan_steps(batch, int(tu.get(data, key="mini_batch_size", default=len(batch))))
         micro_batches = [mb for step in steps for mb in step]
         with phase_meter() as teacher_phase:
-            cache = run_teacher_phase(self.teacher, micro_batches, pad_token_id=self.pad_token_id)
+            cache = run_teacher_phase(
+                self.teacher, micro_batches, pad_token_id=self.pad_token_id, spec=self.signal_spec
+            )
         with phase_meter() as student_phase:
-            metrics = self._student_phase(steps, iter(cache.logits))
+            metrics = self._student_phase(steps, iter(cache.signals))
         metrics.update(
             {
                 "opd/num_samples": float(_all_reduce(len(batch), dist.ReduceOp.SUM)),
@@ -80,7 +89,7 @@ class OPDActorRolloutWorker(ActorRolloutRefWorker):
         )
         return tu.get_tensordict(tensor_dict={}, non_tensor_dict={"metrics": metrics}).cpu()
 
-    def _student_phase(self, steps: list[list[OPDBatch]], cached_logits) -> dict[str, float]:
+    def _student_phase(self, steps: list[list[OPDBatch]], cached_signals) -> dict[str, float]:
         """One optimizer step per mini-batch inside verl's train-mode context (onload, step, offload)."""
         step_metrics = []
         with self.student.train_mode():
@@ -89,7 +98,7 @@ class OPDActorRolloutWorker(ActorRolloutRefWorker):
                     train_student_step(
                         self.student,
                         micro_batches,
-                        [next(cached_logits) for _ in micro_batches],
+                        [next(cached_signals) for _ in micro_batches],
                         config=self.opd_config,
                         pad_token_id=self.pad_token_id,
                         dp_group=self.student.get_data_parallel_group(),

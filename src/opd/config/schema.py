@@ -22,10 +22,17 @@ class OPDConfig:
     """Folder of the frozen teacher (HF format). Its own tokenizer is read from the same folder."""
 
     loss_type: str = "reverse_kl"
-    """Name of a divergence in ``opd.losses.LOSS_REGISTRY`` (reverse_kl, forward_kl, jsd, ...)."""
+    """A divergence in ``opd.losses.LOSS_REGISTRY`` (reverse_kl, forward_kl, jsd, skew_kl,
+    skew_reverse_kl; full-vocabulary teacher signal) or ``forward_kl_topk`` (teacher top-k signal)."""
 
     beta: float = 0.5
     """Mixing weight of the generalised JSD, strictly between 0 and 1 (m = beta*q + (1-beta)*p)."""
+
+    skew_alpha: float = 0.1
+    """Skew of skew_kl / skew_reverse_kl, 0 <= alpha < 1: KL(q || alpha*q + (1-alpha)*p)."""
+
+    topk: int = 64
+    """Teacher entries per token kept for ``forward_kl_topk`` (plus one tail bucket for the rest)."""
 
     chunk_size: int = 1024
     """Tokens per chunk of the full-vocabulary loss: bounds its float32 intermediates to [chunk, V]."""
@@ -60,17 +67,22 @@ class OPDConfig:
     def validate(self) -> OPDConfig:
         """Raise :class:`OPDConfigError` naming the first bad key; return self for chaining."""
         from opd.losses import LOSS_REGISTRY
+        from opd.topk_losses import TOPK_LOSS
 
         if not self.teacher_model_path:
             raise OPDConfigError("opd.teacher_model_path is required (set TEACHER_MODEL_PATH)")
         if not os.path.isdir(os.path.expanduser(self.teacher_model_path)):
             raise OPDConfigError(f"opd.teacher_model_path: no such folder: {self.teacher_model_path}")
-        if self.loss_type not in LOSS_REGISTRY:
+        known_losses = sorted({*LOSS_REGISTRY, TOPK_LOSS})
+        if self.loss_type not in known_losses:
             raise OPDConfigError(
-                f"opd.loss_type: unknown loss {self.loss_type!r}; choose one of {sorted(LOSS_REGISTRY)}"
+                f"opd.loss_type: unknown loss {self.loss_type!r}; choose one of {known_losses}"
             )
         if not 0.0 < self.beta < 1.0:
             raise OPDConfigError(f"opd.beta must be strictly between 0 and 1, got {self.beta}")
+        if not 0.0 <= self.skew_alpha < 1.0:
+            raise OPDConfigError(f"opd.skew_alpha must satisfy 0 <= alpha < 1, got {self.skew_alpha}")
+        _require_positive("opd.topk", self.topk)
         _require_positive("opd.chunk_size", self.chunk_size)
         _require_positive("opd.temperature", self.temperature)
         if self.max_length is not None:
@@ -85,6 +97,17 @@ class OPDConfig:
             raise OPDConfigError(f"opd.val_num_prompts must be >= 0, got {self.val_num_prompts}")
         _require_positive("opd.val_max_new_tokens", self.val_max_new_tokens)
         return self
+
+    @property
+    def teacher_signal(self) -> str:
+        """The teacher signal the loss needs: 'topk' for the top-k loss, else 'full'."""
+        from opd.topk_losses import TOPK_LOSS
+
+        return "topk" if self.loss_type == TOPK_LOSS else "full"
+
+    def loss_params(self) -> dict[str, Any]:
+        """Keyword parameters for the loss (each loss takes the ones it declares)."""
+        return {"alpha": self.skew_alpha, **self.extra}
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> OPDConfig:
