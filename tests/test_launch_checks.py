@@ -34,7 +34,7 @@ def test_valid_setup_fills_derived_keys_and_the_reward(setup):
     config = _config(root, train, val, "data.max_prompt_length=100", "data.max_response_length=20")
     opd_config = validate_before_launch(config)
     assert opd_config.max_length == 120
-    assert config.reward.custom_reward_function.path.endswith("dispatch.py")
+    assert config.reward.custom_reward_function.path == "pkg://rewards.dispatch"
 
 
 def test_data_source_without_a_scorer_stops_the_launch(setup, tmp_path):

@@ -423,3 +423,35 @@ def test_invalid_tensors(bad):
         student = student[0]
     with pytest.raises(ValueError):
         chunked_distill_loss(student, teacher, ids, weights)
+
+
+def test_forward_then_reverse_kl_blends_the_two_kls():
+    from opd.schedule import reverse_kl_weight
+
+    torch.manual_seed(0)
+    student, teacher = torch.randn(7, 11, dtype=torch.float64), torch.randn(7, 11, dtype=torch.float64)
+    ids, weights = torch.randint(0, 11, (7,)), torch.rand(7, dtype=torch.float64)
+
+    def loss(name, **params):
+        logits = student.clone().requires_grad_()
+        value, _ = chunked_distill_loss(
+            logits, teacher, ids, weights, loss_type=name, chunk_size=3, loss_params=params
+        )
+        value.backward()
+        return value.detach(), logits.grad
+
+    forward, reverse = loss("forward_kl"), loss("reverse_kl")
+    for w in (0.0, 0.3, 1.0):
+        blended = loss("forward_then_reverse_kl", reverse_weight=w)
+        for got, fkl, rkl in zip(blended, forward, reverse, strict=True):
+            assert torch.allclose(got, (1 - w) * fkl + w * rkl, atol=1e-10)
+    with pytest.raises(ValueError, match="reverse_weight"):
+        loss("forward_then_reverse_kl", reverse_weight=1.5)
+    assert [reverse_kl_weight(s, switch_step=3, blend_steps=0) for s in (1, 2, 3, 9)] == [0, 0, 1, 1]
+    assert [reverse_kl_weight(s, switch_step=3, blend_steps=4) for s in (2, 3, 4, 6, 7)] == [
+        0,
+        0.25,
+        0.5,
+        1,
+        1,
+    ]

@@ -34,3 +34,24 @@ def test_normalisation_is_over_the_batch_not_the_micro_batch():
     rewards = torch.tensor([1.0, 0.0, 0.0, 0.0])
     weights = reward_weights(rewards, torch.ones(4, dtype=torch.bool), reward_beta=1.0)
     assert weights[0] > 1.0 > weights[1]
+
+
+def test_pass_rate_weights_favour_the_frontier_of_competence():
+    from opd.reward_weights import pass_rate_weights
+
+    # groups: a solved 2/4 (frontier), b solved 4/4, c solved 0/4, d solved 1/4; last row is padding
+    rewards = torch.tensor([1, 0, 1, 0, 1, 1, 1, 1, 0, 0, 0, 0, 1, 0, 0, 0, 0], dtype=torch.float32)
+    groups = ["a"] * 4 + ["b"] * 4 + ["c"] * 4 + ["d"] * 4 + ["pad"]
+    valid = torch.tensor([True] * 16 + [False])
+    weights = pass_rate_weights(rewards, groups, valid)
+    raw = {"a": 0.25, "b": 0.0, "c": 0.0, "d": 0.1875}
+    expected = torch.tensor([raw[g] for g in groups[:16]], dtype=torch.float64)
+    assert torch.allclose(weights[:16].double(), expected * 16 / expected.sum())
+    assert weights[16] == 0 and torch.isclose(weights[:16].mean(), torch.tensor(1.0))
+
+
+def test_pass_rate_weights_all_solved_or_all_failed_is_zero_not_nan():
+    from opd.reward_weights import pass_rate_weights
+
+    weights = pass_rate_weights(torch.zeros(4), ["a", "a", "b", "b"], torch.ones(4, dtype=torch.bool))
+    assert torch.equal(weights, torch.zeros(4))

@@ -130,3 +130,25 @@ def test_topk_equal_to_full_vocabulary_matches_forward_kl(models):
     full = tiny_worker(student, teacher, "opd.loss_type=forward_kl").update_actor(data)["metrics"]
     topk = tiny_worker(student, teacher, "opd.loss_type=forward_kl_topk", f"opd.topk={TOKENIZER_SIZE}")
     assert topk.update_actor(data)["metrics"]["opd/loss"] == pytest.approx(full["opd/loss"], rel=1e-3)
+
+
+def test_paced_schedule_switches_from_forward_to_reverse_kl(models):
+    from verl.utils import tensordict_utils as tu
+
+    student, teacher = models
+
+    def first_loss(loss_type, step, *extra):
+        worker = tiny_worker(
+            student, teacher, f"opd.loss_type={loss_type}", "actor_rollout_ref.actor.optim.lr=0", *extra
+        )
+        data = rollout_batch(4, seed=12)
+        tu.assign_non_tensor(data, global_steps=step)
+        return worker.update_actor(data)["metrics"]["opd/loss"]
+
+    paced = ("opd.paced_switch_step=3",)
+    assert first_loss("forward_then_reverse_kl", 2, *paced) == pytest.approx(
+        first_loss("forward_kl", 2), rel=1e-4
+    )
+    assert first_loss("forward_then_reverse_kl", 3, *paced) == pytest.approx(
+        first_loss("reverse_kl", 3), rel=1e-4
+    )

@@ -76,6 +76,114 @@ resolve_model_pair() {
   export MODEL_PATH TEACHER_MODEL_PATH
 }
 
+# MODEL_PATH alone (trainers without a teacher); unset, the embedded pruned SmolLM2 student.
+resolve_model() {
+  if [[ -z "${MODEL_PATH:-}" ]]; then
+    log "no MODEL_PATH: using the embedded pruned SmolLM2 student"
+    MODEL_PATH="$("$OPD_PYTHON" -m common.embedded_models --only student)" \
+      || die "could not prepare the embedded default model"
+    OPD_EMBEDDED_DEFAULT=1
+  fi
+  require_dir MODEL_PATH
+  export MODEL_PATH
+}
+
+# Sizes of the embedded default run, so it finishes in minutes on a 2-core CPU machine. Fills only
+# unset variables: anything the caller set wins.
+embedded_default_sizing() {
+  : "${MODEL_NAME:=smollm2-135m-drop5}" "${TRAIN_BATCH_SIZE:=8}" "${PPO_MICRO_BATCH_SIZE_PER_GPU:=4}"
+  : "${LEARNING_RATE:=5e-5}" "${MAX_PROMPT_LENGTH:=128}" "${MAX_RESPONSE_LENGTH:=48}" "${TOTAL_STEPS:=20}"
+  : "${VAL_BATCH_SIZE:=16}" "${SAVE_FREQ:=$TOTAL_STEPS}" "${TEST_FREQ:=$TOTAL_STEPS}"
+}
+
+# Defaults of the environment variables every training script reads (documented in README.md).
+training_defaults() {
+  MODEL_NAME="${MODEL_NAME:-$(basename "$MODEL_PATH")}"
+  TRAIN_BATCH_SIZE="${TRAIN_BATCH_SIZE:-64}"
+  PPO_MINI_BATCH_SIZE="${PPO_MINI_BATCH_SIZE:-$TRAIN_BATCH_SIZE}"
+  PPO_MICRO_BATCH_SIZE_PER_GPU="${PPO_MICRO_BATCH_SIZE_PER_GPU:-1}"
+  LEARNING_RATE="${LEARNING_RATE:-1e-6}"
+  TOTAL_EPOCHS="${TOTAL_EPOCHS:-1}"
+  TOTAL_STEPS="${TOTAL_STEPS:-null}"
+  MAX_PROMPT_LENGTH="${MAX_PROMPT_LENGTH:-1024}"
+  MAX_RESPONSE_LENGTH="${MAX_RESPONSE_LENGTH:-8192}"
+  ROLLOUT_N="${ROLLOUT_N:-1}"
+  ROLLOUT_TEMPERATURE="${ROLLOUT_TEMPERATURE:-1.0}"
+  VAL_BATCH_SIZE="${VAL_BATCH_SIZE:-null}"
+  TP_SIZE="${TP_SIZE:-1}"
+  GPU_MEMORY_UTIL="${GPU_MEMORY_UTIL:-0.5}"
+  ENABLE_THINKING="${ENABLE_THINKING:-false}"
+  NNODES="${NNODES:-1}"
+  N_GPUS_PER_NODE="${N_GPUS_PER_NODE:-$(gpus_on_this_node)}"
+  (( N_GPUS_PER_NODE > 0 )) || N_GPUS_PER_NODE=1
+  SAVE_FREQ="${SAVE_FREQ:-100}"
+  TEST_FREQ="${TEST_FREQ:-50}"
+}
+
+# The hydra overrides those variables map to, shared by every trainer (into the array TRAINING_ARGS).
+training_args() {
+  TRAINING_ARGS=(
+    data.train_files="$TRAIN_FILES"
+    data.val_files="$VAL_FILES"
+    data.train_batch_size="$TRAIN_BATCH_SIZE"
+    data.val_batch_size="$VAL_BATCH_SIZE"
+    data.max_prompt_length="$MAX_PROMPT_LENGTH"
+    data.max_response_length="$MAX_RESPONSE_LENGTH"
+    data.filter_overlong_prompts=true
+    +data.apply_chat_template_kwargs.enable_thinking="$ENABLE_THINKING"
+    actor_rollout_ref.model.path="$MODEL_PATH"
+    actor_rollout_ref.model.use_remove_padding=true
+    actor_rollout_ref.actor.optim.lr="$LEARNING_RATE"
+    actor_rollout_ref.actor.ppo_mini_batch_size="$PPO_MINI_BATCH_SIZE"
+    actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu="$PPO_MICRO_BATCH_SIZE_PER_GPU"
+    actor_rollout_ref.rollout.n="$ROLLOUT_N"
+    actor_rollout_ref.rollout.temperature="$ROLLOUT_TEMPERATURE"
+    actor_rollout_ref.rollout.tensor_model_parallel_size="$TP_SIZE"
+    actor_rollout_ref.rollout.gpu_memory_utilization="$GPU_MEMORY_UTIL"
+    actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu="$PPO_MICRO_BATCH_SIZE_PER_GPU"
+    trainer.total_epochs="$TOTAL_EPOCHS"
+    trainer.total_training_steps="$TOTAL_STEPS"
+    trainer.nnodes="$NNODES"
+    trainer.n_gpus_per_node="$N_GPUS_PER_NODE"
+    trainer.experiment_name="$MODEL_NAME"
+    trainer.default_local_dir="$RUN_DIR"
+    trainer.save_freq="$SAVE_FREQ"
+    trainer.test_freq="$TEST_FREQ"
+  )
+}
+
+# REWARD_FUNCTION says how samples are graded (into the array REWARD_ARGS, verl's custom_reward_function):
+#   unset                  the project's rewards, chosen per row by data_source (rewards.dispatch)
+#   a reward name          math_reward, dapo_reward, free_form_reward, gsm8k_reward, arithmetic_reward:
+#                          that one for every row
+#   a file or pkg://module a custom verl reward function called REWARD_FUNCTION_NAME (compute_score)
+# reward_function_args eval: the same, through eval.scoring's dict reward that evaluation reports need.
+reward_function_args() {
+  REWARD_FUNCTION="${REWARD_FUNCTION:-}"
+  REWARD_FUNCTION_NAME="${REWARD_FUNCTION_NAME:-compute_score}"
+  local path=pkg://rewards.dispatch name=compute_score
+  if [[ "${1:-}" == eval ]]; then path=pkg://eval.scoring
+  elif [[ "$REWARD_FUNCTION" == */* || "$REWARD_FUNCTION" == *.py ]]; then
+    path="$REWARD_FUNCTION" name="$REWARD_FUNCTION_NAME"
+  elif [[ -n "$REWARD_FUNCTION" ]]; then path=pkg://eval.scoring name=named_score
+  fi
+  REWARD_ARGS=(reward.custom_reward_function.path="$path" reward.custom_reward_function.name="$name")
+  if [[ "$path" == pkg://eval.scoring ]]; then
+    REWARD_ARGS+=(
+      +reward.custom_reward_function.reward_kwargs.reward="$REWARD_FUNCTION"
+      +reward.custom_reward_function.reward_kwargs.reward_name="$REWARD_FUNCTION_NAME"
+    )
+  fi
+}
+
+# Stop before anything starts when a file's prompts ask for the answer in a format the project's
+# reward would not read (rewards.agreement); a custom reward function is the user's responsibility.
+check_reward_agreement() {  # check_reward_agreement FILE...
+  [[ "$REWARD_FUNCTION" == */* || "$REWARD_FUNCTION" == *.py ]] && return 0
+  "$OPD_PYTHON" -m rewards.agreement "$@" ${REWARD_FUNCTION:+--reward-function "$REWARD_FUNCTION"} >&2 \
+    || die "the prompts and REWARD_FUNCTION=${REWARD_FUNCTION:-<by data_source>} disagree (see above)"
+}
+
 # DATA_DIR must hold train.parquet and val.parquet; unset, the arithmetic word problems are generated.
 resolve_data_dir() {
   if [[ -z "${DATA_DIR:-}" ]]; then

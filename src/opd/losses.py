@@ -571,3 +571,23 @@ def chunked_distill_loss(
         student_logits, teacher_logits, token_ids, token_weights, setup
     )
     return loss, TokenStats(divergence=div, student_logp=s_logp, teacher_logp=t_logp, student_entropy=entropy)
+
+
+def _check_reverse_weight(reverse_weight: float = 0.0) -> None:
+    if not 0.0 <= reverse_weight <= 1.0:
+        raise ValueError(f"reverse_weight must be in [0, 1], got {reverse_weight}")
+
+
+@register_loss("forward_then_reverse_kl", check_params=_check_reverse_weight)
+def forward_then_reverse_kl(
+    student_logp: torch.Tensor, teacher_logp: torch.Tensor, reverse_weight: float = 0.0
+) -> torch.Tensor:
+    """PACED's two-stage objective ``(1 - w) KL(q||p) + w KL(p||q)``.
+
+    ``w`` (``reverse_weight``) follows the schedule of :func:`opd.schedule.reverse_kl_weight`: 0 (forward
+    KL) until the switch step, then to 1 (reverse KL) at once or linearly over the blend steps.
+    """
+    forward = _kl(teacher_logp, student_logp)
+    if reverse_weight == 0.0:
+        return forward
+    return (1.0 - reverse_weight) * forward + reverse_weight * _kl(student_logp, teacher_logp)

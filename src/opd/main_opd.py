@@ -40,14 +40,14 @@ def _default_reward_function(config: DictConfig) -> None:
     With the project's rewards, a ``\\boxed{}`` prompt graded by an ``Answer:`` parser (or a data source
     without a scorer) stops the run here instead of scoring every sample 0.
     """
-    import rewards.dispatch
     from rewards.agreement import check_reward_agreement
 
     reward_fn = config.reward.custom_reward_function
     if reward_fn.get("path"):
         return
     with open_dict(config):
-        reward_fn.path = rewards.dispatch.__file__
+        # by package, not by file: verl loads a file path as a module outside sys.modules
+        reward_fn.path = "pkg://rewards.dispatch"
         reward_fn.name = "compute_score"
     try:
         check_reward_agreement([*_as_list(config.data.train_files), *_as_list(config.data.val_files)])

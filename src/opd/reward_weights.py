@@ -32,3 +32,30 @@ def reward_weights(rewards: torch.Tensor, valid: torch.Tensor, reward_beta: floa
     scaled = rewards[valid].to(torch.float64) / reward_beta
     weights[valid] = (num_valid * torch.softmax(scaled, dim=0)).to(torch.float32)
     return weights
+
+
+def pass_rate_weights(rewards: torch.Tensor, group_ids: list[str], valid: torch.Tensor) -> torch.Tensor:
+    """PACED sample weights ``w = p (1 - p)``, p the pass rate of the sample's prompt group.
+
+    A group is the ``rollout.n`` samples of one prompt; a sample passes when its reward is > 0. Groups
+    the student always or never solves get weight 0. Normalised to mean 1 over the valid rows of the
+    batch when any weight is non-zero (else all zero: no prompt of the batch is at the frontier).
+
+    Args:
+        rewards: ``[B]`` sample rewards.
+        group_ids: prompt id of every sample, length ``B``.
+        valid: ``[B]`` bool, False for padding rows.
+    Returns:
+        ``[B]`` float32.
+    """
+    valid = valid.bool()
+    passed = (rewards > 0).to(torch.float64)
+    weights = torch.zeros(rewards.shape, dtype=torch.float64)
+    for group in set(g for g, ok in zip(group_ids, valid.tolist(), strict=True) if ok):
+        rows = torch.tensor([g == group for g in group_ids]) & valid
+        rate = passed[rows].mean()
+        weights[rows] = rate * (1.0 - rate)
+    total = weights.sum()
+    if total > 0:
+        weights = weights * int(valid.sum()) / total
+    return weights.to(torch.float32)

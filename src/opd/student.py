@@ -42,6 +42,7 @@ def train_student_step(
     teacher_signals: list[CachedSignal],
     *,
     config: OPDConfig,
+    step: int,
     pad_token_id: int,
     dp_group,
     device: torch.device,
@@ -59,7 +60,9 @@ def train_student_step(
     keys = _SUM_KEYS + (_TOPK_KEYS if teacher_signals[0].topk is not None else ())
     sums = torch.zeros(len(keys), dtype=torch.float64, device=device)
     for micro_batch, cached in zip(micro_batches, teacher_signals, strict=True):
-        sums += _accumulate_micro_batch(engine, micro_batch, cached, config, pad_token_id, scale, device)
+        sums += _accumulate_micro_batch(
+            engine, micro_batch, cached, config, step, pad_token_id, scale, device
+        )
 
     grad_norm = engine.optimizer_step()
     dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=dp_group)
@@ -76,7 +79,9 @@ def train_student_step(
     return metrics
 
 
-def _accumulate_micro_batch(engine, micro_batch, cached, config, pad_token_id, scale, device) -> torch.Tensor:
+def _accumulate_micro_batch(
+    engine, micro_batch, cached, config, step, pad_token_id, scale, device
+) -> torch.Tensor:
     """Forward, loss, backward of one micro-batch; returns its sums in the order of the metric keys."""
     logits = response_logits(engine, micro_batch, pad_token_id=pad_token_id)
     weights = token_weights(micro_batch, scale).to(device)
@@ -104,7 +109,7 @@ def _accumulate_micro_batch(engine, micro_batch, cached, config, pad_token_id, s
             chunk_size=config.chunk_size,
             temperature=config.temperature,
             beta=config.beta,
-            loss_params=config.loss_params(),
+            loss_params=config.loss_params(step),
         )
         teacher_logp = stats.teacher_logp
         topk_sums = []

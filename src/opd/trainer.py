@@ -22,7 +22,7 @@ from verl.utils.debug import marked_timer
 from common.batch import chat_prompt_ids
 from opd.config import OPDConfig
 from opd.progress import format_progress, format_summary
-from opd.reward_weights import reward_weights
+from opd.reward_weights import pass_rate_weights, reward_weights
 
 
 @register_trainer("opd")
@@ -65,13 +65,15 @@ class OPDTrainer(PPOTrainerSync):
         return batch
 
     def _put_reward_weights(self, batch) -> dict[str, float]:
-        """Write ``opd_sample_weight`` (reward weights over the whole batch) next to each sample."""
-        scores = tq.kv_batch_get(
-            keys=batch.keys, partition_id=batch.partition_id, select_fields=["rm_scores"]
+        """Write ``opd_sample_weight`` (reward and pass-rate weights over the whole batch) per sample."""
+        fields = tq.kv_batch_get(
+            keys=batch.keys, partition_id=batch.partition_id, select_fields=["rm_scores", "uid"]
         )
-        rewards = torch.stack([row.sum() for row in scores["rm_scores"].unbind()]).float()
+        rewards = torch.stack([row.sum() for row in fields["rm_scores"].unbind()]).float()
         valid = torch.tensor([not tag.get("is_padding", False) for tag in batch.tags])
         weights = reward_weights(rewards, valid, self.opd_config.reward_beta)
+        if self.opd_config.pass_rate_weighting:
+            weights = weights * pass_rate_weights(rewards, [str(uid) for uid in fields["uid"]], valid)
         tq.kv_batch_put(
             keys=batch.keys,
             partition_id=batch.partition_id,
@@ -87,6 +89,7 @@ class OPDTrainer(PPOTrainerSync):
         batch.extra_info["mini_batch_size"] = (
             self.config.actor_rollout_ref.actor.ppo_mini_batch_size * rollout_n
         )
+        batch.extra_info["global_steps"] = self.global_steps
         output = self.actor_rollout_wg.update_actor(batch)
         metrics.update(_first_rank_metrics(output["metrics"]))
         return batch

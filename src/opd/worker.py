@@ -75,7 +75,9 @@ class OPDActorRolloutWorker(ActorRolloutRefWorker):
                 self.teacher, micro_batches, pad_token_id=self.pad_token_id, spec=self.signal_spec
             )
         with phase_meter() as student_phase:
-            metrics = self._student_phase(steps, iter(cache.signals))
+            metrics = self._student_phase(
+                steps, iter(cache.signals), int(tu.get(data, "global_steps", default=1))
+            )
         metrics.update(
             {
                 "opd/num_samples": float(_all_reduce(len(batch), dist.ReduceOp.SUM)),
@@ -89,7 +91,7 @@ class OPDActorRolloutWorker(ActorRolloutRefWorker):
         )
         return tu.get_tensordict(tensor_dict={}, non_tensor_dict={"metrics": metrics}).cpu()
 
-    def _student_phase(self, steps: list[list[OPDBatch]], cached_signals) -> dict[str, float]:
+    def _student_phase(self, steps: list[list[OPDBatch]], cached_signals, step: int) -> dict[str, float]:
         """One optimizer step per mini-batch inside verl's train-mode context (onload, step, offload)."""
         step_metrics = []
         with self.student.train_mode():
@@ -100,6 +102,7 @@ class OPDActorRolloutWorker(ActorRolloutRefWorker):
                         micro_batches,
                         [next(cached_signals) for _ in micro_batches],
                         config=self.opd_config,
+                        step=step,
                         pad_token_id=self.pad_token_id,
                         dp_group=self.student.get_data_parallel_group(),
                         device=current_device(),

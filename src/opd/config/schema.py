@@ -34,6 +34,12 @@ class OPDConfig:
     topk: int = 64
     """Teacher entries per token kept for ``forward_kl_topk`` (plus one tail bucket for the rest)."""
 
+    paced_switch_step: int = 1
+    """``forward_then_reverse_kl``: first training step that puts weight on reverse KL."""
+
+    paced_blend_steps: int = 0
+    """``forward_then_reverse_kl``: steps over which the weight rises from 0 to 1 (0 = hard switch)."""
+
     chunk_size: int = 1024
     """Tokens per chunk of the full-vocabulary loss: bounds its float32 intermediates to [chunk, V]."""
 
@@ -45,6 +51,9 @@ class OPDConfig:
 
     reward_beta: float | None = None
     """Temperature of reward weighting exp(r / reward_beta), normalised over the whole batch; null = off."""
+
+    pass_rate_weighting: bool = False
+    """PACED: weight each sample by p(1-p), p its prompt group's pass rate (needs rollout.n > 1)."""
 
     temperature: float = 1.0
     """Temperature applied to BOTH teacher and student logits in the distillation loss."""
@@ -83,6 +92,9 @@ class OPDConfig:
         if not 0.0 <= self.skew_alpha < 1.0:
             raise OPDConfigError(f"opd.skew_alpha must satisfy 0 <= alpha < 1, got {self.skew_alpha}")
         _require_positive("opd.topk", self.topk)
+        _require_positive("opd.paced_switch_step", self.paced_switch_step)
+        if self.paced_blend_steps < 0:
+            raise OPDConfigError(f"opd.paced_blend_steps must be >= 0, got {self.paced_blend_steps}")
         _require_positive("opd.chunk_size", self.chunk_size)
         _require_positive("opd.temperature", self.temperature)
         if self.max_length is not None:
@@ -105,9 +117,12 @@ class OPDConfig:
 
         return "topk" if self.loss_type == TOPK_LOSS else "full"
 
-    def loss_params(self) -> dict[str, Any]:
-        """Keyword parameters for the loss (each loss takes the ones it declares)."""
-        return {"alpha": self.skew_alpha, **self.extra}
+    def loss_params(self, step: int) -> dict[str, Any]:
+        """Keyword parameters for the loss at training ``step`` (each loss takes the ones it declares)."""
+        from opd.schedule import reverse_kl_weight
+
+        weight = reverse_kl_weight(step, self.paced_switch_step, self.paced_blend_steps)
+        return {"alpha": self.skew_alpha, "reverse_weight": weight, **self.extra}
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> OPDConfig:
