@@ -46,13 +46,13 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
 def isolated_run_env(tmp_path):
     """Environment for a child process that starts Ray: private HOME / TMPDIR / RAY_TMPDIR.
 
-    Ray's socket paths must stay short (about 100 characters), so its temp folder is a fresh
-    folder directly under the system temp dir rather than inside pytest's deep ``tmp_path``.
+    Unix socket paths must stay short (about 100 characters): Ray's and those of the process pools
+    that verl's dataset filtering starts under TMPDIR. Both temp folders are therefore fresh folders
+    directly under the system temp dir rather than inside pytest's deep ``tmp_path``.
     """
-    ray_tmp = tempfile.mkdtemp(prefix="ray")
-    home, tmp = tmp_path / "home", tmp_path / "tmp"
+    ray_tmp, tmp = tempfile.mkdtemp(prefix="ray"), tempfile.mkdtemp(prefix="tmp")
+    home = tmp_path / "home"
     home.mkdir()
-    tmp.mkdir()
     env = cpu_run_env() if use_cpu_backend() else dict(os.environ)
     env.update(
         HOME=str(home),
@@ -64,3 +64,4 @@ def isolated_run_env(tmp_path):
     )
     yield env
     shutil.rmtree(ray_tmp, ignore_errors=True)
+    shutil.rmtree(tmp, ignore_errors=True)

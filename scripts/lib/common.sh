@@ -122,6 +122,8 @@ training_defaults() {
 
 # The hydra overrides those variables map to, shared by every trainer (into the array TRAINING_ARGS).
 training_args() {
+  # verl's tensorboard logger writes under the working directory unless told otherwise
+  export TENSORBOARD_DIR="${TENSORBOARD_DIR:-$RUN_DIR/tensorboard}"
   TRAINING_ARGS=(
     data.train_files="$TRAIN_FILES"
     data.val_files="$VAL_FILES"

@@ -68,9 +68,6 @@ run_grpo() {  # run_grpo VARIANT [hydra overrides...]
   check_reward_agreement "$TRAIN_FILES" "$VAL_FILES"
   grpo_variant_args "$variant"
 
-  # verl's tensorboard logger writes under the working directory unless told otherwise
-  export TENSORBOARD_DIR="${TENSORBOARD_DIR:-$RUN_DIR/tensorboard}"
-
   log "variant $variant"
   log "model   $MODEL_PATH"
   log "data    $TRAIN_FILES | $VAL_FILES"
