@@ -65,6 +65,23 @@ def script_env(base: dict[str, str], **variables: str | Path) -> dict[str, str]:
     return env
 
 
+def tiny_training_env(
+    base: dict[str, str], tmp_path: Path, **variables: str | Path | int
+) -> tuple[dict[str, str], dict[str, Path]]:
+    """Environment and inputs of a script run training the tiny model of :func:`write_inputs`."""
+    inputs = write_inputs(tmp_path / "inputs")
+    env = script_env(
+        base,
+        MODEL_PATH=inputs["model"],
+        DATA_DIR=inputs["data"],
+        REWARD_FUNCTION=inputs["reward"],
+        OUTPUT_ROOT=tmp_path / "out",
+        RUN_DIR=tmp_path / "run",
+        **{**TINY_TRAINING, **variables},
+    )
+    return env, inputs
+
+
 def run_script(script: str, args, env, cwd: Path, log_path: Path, timeout: float) -> tuple[int, str]:
     """``bash scripts/<script> args`` in its own process group; returns the exit code and the log."""
     rc = run_in_own_group(["bash", str(SCRIPTS / script), *map(str, args)], env, cwd, log_path, timeout)

@@ -9,7 +9,7 @@ import time
 
 import pytest
 import torch
-from script_runs import SCRIPTS, TINY_TRAINING, run_script, script_env, write_inputs
+from script_runs import SCRIPTS, run_script, script_env, tiny_training_env
 from subprocess_runs import step_metrics
 
 E2E_TIMEOUT_S = 600
@@ -54,19 +54,13 @@ def _logits(model, ids):
 def test_converted_checkpoint_matches_trained_weights(isolated_run_env, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    inputs = write_inputs(tmp_path / "inputs")
     run_dir = tmp_path / "run"
-    env = script_env(
+    env, inputs = tiny_training_env(
         isolated_run_env,
-        MODEL_PATH=inputs["model"],
-        DATA_DIR=inputs["data"],
-        REWARD_FUNCTION=inputs["reward"],
-        OUTPUT_ROOT=tmp_path / "out",
-        RUN_DIR=run_dir,
+        tmp_path,
         TOTAL_STEPS=1,
         SAVE_FREQ=1,
         TEST_FREQ=-1,
-        **TINY_TRAINING,
     )
     start = time.monotonic()
     # the native variant, so its KL loss against the reference model runs end to end too

@@ -9,7 +9,7 @@ import subprocess
 import time
 
 import pytest
-from script_runs import SCRIPTS, TINY_TRAINING, dry_run, run_script, script_env, write_inputs
+from script_runs import SCRIPTS, dry_run, run_script, script_env, tiny_training_env
 from subprocess_runs import step_metrics
 
 from common import launch
@@ -110,19 +110,13 @@ def test_launch_keeps_user_overrides_and_applies_gpu_defaults_only_on_gpu():
 
 @pytest.mark.slow
 def test_train_grpo_two_steps_then_resume(isolated_run_env, tmp_path):
-    inputs = write_inputs(tmp_path / "inputs")
     run_dir = tmp_path / "run"
-    env = script_env(
+    env, _ = tiny_training_env(
         isolated_run_env,
-        MODEL_PATH=inputs["model"],
-        DATA_DIR=inputs["data"],
-        REWARD_FUNCTION=inputs["reward"],
-        OUTPUT_ROOT=tmp_path / "out",
-        RUN_DIR=run_dir,
+        tmp_path,
         SAVE_FREQ=1,
         TEST_FREQ=2,
         TOTAL_STEPS=2,
-        **TINY_TRAINING,
     )
     common_args = ["trainer.logger=[console]"]
     start = time.monotonic()
