@@ -109,8 +109,9 @@ def test_converted_checkpoint_matches_trained_weights(isolated_run_env, tmp_path
 
     out, trained_logits = _logits(converted, ids), _logits(trained, ids)
     rounded = trained.to(torch.bfloat16).float()  # in place: now the weights the folder should hold
-    # (from_pretrained and from_config may pick different attention kernels: float32 noise only)
-    assert torch.allclose(out, _logits(rounded, ids), atol=1e-5, rtol=0)
+    # same weights (checked exactly above); from_pretrained and from_config may pick different attention
+    # kernels and thread counts change reduction order: float32 noise only, far below bf16 rounding
+    assert torch.allclose(out, _logits(rounded, ids), atol=1e-4, rtol=0)
     # and the trained model differs from the initial one far beyond bf16 rounding, so a conversion that
     # wrote the initial weights (or stale ones) could not pass
     rounding = (out - trained_logits).abs().max()
