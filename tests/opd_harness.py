@@ -48,3 +48,29 @@ def full_state(module) -> dict[str, torch.Tensor]:
         value = param.full_tensor() if hasattr(param, "full_tensor") else param
         state[name] = value.detach().float().clone()
     return state
+
+
+def with_rollout_log_probs(data: TensorDict, model_dir: str, temperature: float = 1.0) -> TensorDict:
+    """Add ``rollout_log_probs`` as an exact rollout engine would: the model's own log-prob of each response
+    token at ``temperature``, one jagged row per sample (each sample run alone, so no padding is involved)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
+    rows = []
+    with torch.no_grad():
+        for prompt, response in zip(data["prompts"].unbind(), data["responses"].unbind(), strict=True):
+            ids = torch.cat([prompt, response]).long().unsqueeze(0)
+            logits = model(input_ids=ids).logits[0, prompt.numel() - 1 : -1].float() / temperature
+            rows.append(torch.log_softmax(logits, -1).gather(-1, response.long()[:, None]).squeeze(-1))
+    data["rollout_log_probs"] = torch.nested.as_nested_tensor(rows, layout=torch.jagged)
+    return data
+
+
+def with_advantages(data: TensorDict, per_sample: list[float]) -> TensorDict:
+    """Add per-token task advantages, constant over each response as GRPO's are."""
+    rows = [
+        torch.full((r.numel(),), value)
+        for r, value in zip(data["responses"].unbind(), per_sample, strict=True)
+    ]
+    data["advantages"] = torch.nested.as_nested_tensor(rows, layout=torch.jagged)
+    return data

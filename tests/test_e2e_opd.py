@@ -100,3 +100,43 @@ def test_bad_config_fails_before_ray_starts(pair_and_data, isolated_run_env, ove
     assert result.returncode != 0
     assert message in result.stderr + result.stdout
     assert "ray init kwargs" not in result.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("objective", "extra"),
+    [
+        ("sampled_rkl_pg", ("opd.tip_keep_fraction=0.5",)),
+        ("iw_opd", ("opd.task_loss_coef=0.5", "opd.tip_score=entropy_plus_divergence")),
+    ],
+)
+def test_policy_gradient_objectives_through_ray(pair_and_data, isolated_run_env, tmp_path, objective, extra):
+    """The rollout's own log-probs reach the importance ratio; GRPO advantages reach the task loss."""
+    root, train, val = pair_and_data
+    run_dir = tmp_path / "run"
+    overrides = (
+        f"opd.loss_type={objective}",
+        "trainer.total_training_steps=1",
+        "trainer.save_freq=-1",
+        "trainer.test_freq=-1",
+        "trainer.val_before_train=false",
+        f"trainer.default_local_dir={run_dir}",
+        *extra,
+    )
+    log_path = tmp_path / "opd.log"
+    start = time.monotonic()
+    rc = run_in_own_group(
+        _command(root, train, val, *overrides), isolated_run_env, tmp_path, log_path, E2E_TIMEOUT_S
+    )
+    print(f"{objective} 1 step through Ray on CPU: {time.monotonic() - start:.1f}s wall")
+    log = log_path.read_text(errors="replace")
+    assert rc == 0, log[-6000:]
+    assert "calculate_log_probs=true" in log
+    (record,) = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert record["opd/cache_bytes_per_token"] == 4 and record["opd/skipped_step"] == 0
+    # the rollout engine samples from the same weights: the ratio starts at 1 (up to bf16 noise)
+    assert abs(record["opd/pg/ppo_kl"]) < 0.05
+    assert 0.5 <= record["opd/kept_token_fraction"] <= (0.75 if "tip_keep" in " ".join(extra) else 1.0)
+    if objective == "iw_opd":
+        assert 1.0 <= record["opd/iw_opd/weight_min"] <= record["opd/iw_opd/weight_max"] <= 1.5 + 1e-6
+        assert "opd/task/pg_clipfrac" in record

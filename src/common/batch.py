@@ -40,6 +40,13 @@ class OPDBatch:
     num_truncated: int = 0
     """Samples whose response tail was cut to fit ``max_length``."""
 
+    rollout_logp: list[torch.Tensor] | None = None
+    """Per sample ``[R_i]`` float32: the rollout engine's log-prob of each response token (at the rollout
+    temperature), aligned with the response of its own row; None when the rollout did not return them."""
+
+    advantages: list[torch.Tensor] | None = None
+    """Per sample ``[R_i]`` float32: task-reward (e.g. GRPO) advantages per response token, or None."""
+
     def __len__(self) -> int:
         return len(self.input_ids)
 
@@ -61,6 +68,8 @@ class OPDBatch:
             loss_mask=[self.loss_mask[r] for r in rows],
             sample_weights=self.sample_weights[rows],
             num_truncated=0,
+            rollout_logp=_pick(self.rollout_logp, rows),
+            advantages=_pick(self.advantages, rows),
         )
 
     def zero_weight_copy(self) -> OPDBatch:
@@ -81,6 +90,8 @@ def build_opd_batch(
     max_length: int | None = None,
     overlength: str = "truncate",
     sample_weights: torch.Tensor | None = None,
+    rollout_log_probs: Sequence[torch.Tensor] | None = None,
+    advantages: Sequence[torch.Tensor] | None = None,
 ) -> OPDBatch:
     """Assemble :class:`OPDBatch` from pre-tokenized prompts (preferred) or raw chat prompts.
 
@@ -96,6 +107,9 @@ def build_opd_batch(
         overlength: 'truncate' cuts the response tail (counted in ``num_truncated`` and logged);
             'error' raises :class:`OverlengthError`.
         sample_weights: ``[B]`` per-sample loss weights; defaults to ones.
+        rollout_log_probs: per sample ``[R_i]`` rollout log-probs of the response tokens, one row per
+            sample (never columns of a padded batch, so rows with different prompt lengths stay aligned).
+        advantages: per sample ``[R_i]`` task-reward advantages.
     """
     prompt_ids = _resolve_prompts(prompts, raw_prompts, tokenizer)
     prompt_ids = _repeat_prompts(prompt_ids, len(responses), rollout_n)
@@ -120,13 +134,34 @@ def build_opd_batch(
     weights = torch.ones(len(responses)) if sample_weights is None else sample_weights.to(torch.float32)
     if weights.shape != (len(responses),):
         raise ValueError(f"sample_weights has shape {tuple(weights.shape)}, expected ({len(responses)},)")
+    kept = [mask.numel() for mask in loss_masks]
     return OPDBatch(
         input_ids=input_ids,
         prompt_lengths=torch.tensor([p.numel() for p in prompt_ids], dtype=torch.long),
         loss_mask=loss_masks,
         sample_weights=weights,
         num_truncated=truncated,
+        rollout_logp=_per_token_field("rollout_log_probs", rollout_log_probs, responses, kept),
+        advantages=_per_token_field("advantages", advantages, responses, kept),
     )
+
+
+def _per_token_field(name, values, responses, kept) -> list[torch.Tensor] | None:
+    """Check a per-token field has one value per response token and cut it like the response."""
+    if values is None:
+        return None
+    if len(values) != len(responses):
+        raise ValueError(f"{len(responses)} responses but {len(values)} rows of {name}")
+    out = []
+    for index, (row, response, keep) in enumerate(zip(values, responses, kept, strict=True)):
+        if row.numel() != response.numel():
+            raise ValueError(f"sample {index}: response has {response.numel()} tokens, {name} {row.numel()}")
+        out.append(row[:keep].to(torch.float32))
+    return out
+
+
+def _pick(rows_of: list[torch.Tensor] | None, rows: list[int]) -> list[torch.Tensor] | None:
+    return None if rows_of is None else [rows_of[r] for r in rows]
 
 
 def _resolve_prompts(prompts, raw_prompts, tokenizer) -> list[torch.Tensor]:

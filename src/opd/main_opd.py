@@ -30,6 +30,7 @@ def validate_before_launch(config: DictConfig) -> OPDConfig:
         raise OPDConfigError(f"actor_rollout_ref.model.path: no such folder: {student_path} (MODEL_PATH)")
     check_pairing(student_path, os.path.expanduser(opd_config.teacher_model_path))
     _reject_unsupported(config)
+    _check_objective_needs(config, opd_config)
     _default_reward_function(config)
     return opd_config
 
@@ -79,6 +80,26 @@ def _reject_unsupported(config: DictConfig) -> None:
         )
     if config.trainer.v1.trainer_mode != "opd":
         raise OPDConfigError(f"trainer.v1.trainer_mode must be 'opd', got {config.trainer.v1.trainer_mode!r}")
+
+
+def _check_objective_needs(config: DictConfig, opd_config: OPDConfig) -> None:
+    """Rollout settings the objective depends on: temperature rule, rollout log-probs, GRPO groups."""
+    rollout = config.actor_rollout_ref.rollout
+    opd_config.check_rollout_temperature(float(rollout.temperature))
+    if opd_config.task_loss_coef > 0 and config.algorithm.adv_estimator == "grpo" and int(rollout.n) < 2:
+        raise OPDConfigError(
+            "opd.task_loss_coef > 0 with GRPO advantages needs actor_rollout_ref.rollout.n >= 2 "
+            "(a group of one response has advantage 0)"
+        )
+    if opd_config.needs_rollout_log_probs and not rollout.calculate_log_probs:
+        with open_dict(config):
+            rollout.calculate_log_probs = True
+        print(
+            f"[opd] opd.loss_type={opd_config.loss_type}, opd.task_loss_coef={opd_config.task_loss_coef}: "
+            "the importance ratio needs rollout log-probs: "
+            "actor_rollout_ref.rollout.calculate_log_probs=true",
+            flush=True,
+        )
 
 
 def _user_override_keys() -> set[str]:

@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections import defaultdict
 
 import torch
 import torch.distributed as dist
 
 from common.batch import OPDBatch, response_token_ids
-from opd.config import OPDConfig
-from opd.losses import chunked_distill_loss
 from opd.model_forward import response_logits
+from opd.objectives import (
+    MicroBatchTokens,
+    ObjectiveContext,
+    ObjectiveOutput,
+    distillation_objective,
+    task_policy_loss,
+)
 from opd.teacher import CachedSignal
-from opd.topk_losses import chunked_topk_forward_kl
-
-# Sums all-reduced over the data-parallel group; the last two exist only for the top-k signal.
-_SUM_KEYS = ("loss", "sampled_reverse_kl", "teacher_nll", "student_entropy", "num_tokens")
-_TOPK_KEYS = ("teacher_topk_mass", "sampled_token_in_topk")
+from opd.token_selection import kept_token_count, tip_keep_mask, tip_scores
 
 
 def token_weights(batch: OPDBatch, scale: float) -> torch.Tensor:
@@ -27,11 +30,10 @@ def token_weights(batch: OPDBatch, scale: float) -> torch.Tensor:
     return torch.cat(parts) * scale
 
 
-def global_token_count(micro_batches: list[OPDBatch], dp_group, device) -> int:
-    """Loss tokens of this optimizer step summed over every rank: the token-mean denominator."""
-    count = torch.tensor(
-        [sum(mb.num_loss_tokens() for mb in micro_batches)], dtype=torch.float64, device=device
-    )
+def global_token_count(micro_batches: list[OPDBatch], dp_group, device, keep_fraction: float = 1.0) -> int:
+    """Loss tokens (TIP-kept) of this optimizer step summed over every rank: the token-mean denominator."""
+    local = sum(kept_token_count(mask, keep_fraction) for mb in micro_batches for mask in mb.loss_mask)
+    count = torch.tensor([local], dtype=torch.float64, device=device)
     dist.all_reduce(count, op=dist.ReduceOp.SUM, group=dp_group)
     return int(count.item())
 
@@ -41,8 +43,7 @@ def train_student_step(
     micro_batches: list[OPDBatch],
     teacher_signals: list[CachedSignal],
     *,
-    config: OPDConfig,
-    step: int,
+    ctx: ObjectiveContext,
     pad_token_id: int,
     dp_group,
     device: torch.device,
@@ -55,75 +56,115 @@ def train_student_step(
     collectives match even where a rank holds only padding rows.
     """
     dp_size = dist.get_world_size(group=dp_group)
-    global_tokens = global_token_count(micro_batches, dp_group, device)
+    global_tokens = global_token_count(micro_batches, dp_group, device, ctx.config.tip_keep_fraction)
     scale = dp_size / max(global_tokens, 1)
-    keys = _SUM_KEYS + (_TOPK_KEYS if teacher_signals[0].topk is not None else ())
-    sums = torch.zeros(len(keys), dtype=torch.float64, device=device)
+    meter = StepMetrics()
     for micro_batch, cached in zip(micro_batches, teacher_signals, strict=True):
-        sums += _accumulate_micro_batch(
-            engine, micro_batch, cached, config, step, pad_token_id, scale, device
-        )
-
+        _accumulate_micro_batch(engine, micro_batch, cached, ctx, pad_token_id, scale, device, meter)
     grad_norm = engine.optimizer_step()
-    dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=dp_group)
-    totals = dict(zip(keys, sums.tolist(), strict=True))
-    num_tokens = totals.pop("num_tokens")
-    metrics = {f"opd/{key}": value / max(num_tokens, 1.0) for key, value in totals.items()}
+    metrics = meter.reduce(dp_group, device)
     metrics.update(
-        {
-            "opd/num_tokens": num_tokens,
-            "opd/grad_norm": float(grad_norm),
-            "opd/skipped_step": float(not math.isfinite(grad_norm)),
-        }
+        {"opd/grad_norm": float(grad_norm), "opd/skipped_step": float(not math.isfinite(grad_norm))}
     )
     return metrics
 
 
-def _accumulate_micro_batch(
-    engine, micro_batch, cached, config, step, pad_token_id, scale, device
-) -> torch.Tensor:
-    """Forward, loss, backward of one micro-batch; returns its sums in the order of the metric keys."""
-    logits = response_logits(engine, micro_batch, pad_token_id=pad_token_id)
+def _accumulate_micro_batch(engine, micro_batch, cached, ctx, pad_token_id, scale, device, meter) -> None:
+    """Forward, (TIP selection,) loss, backward of one micro-batch; its metrics go into ``meter``."""
+    config = ctx.config
+    tokens = _micro_batch_tokens(engine, micro_batch, pad_token_id, device, ctx)
     weights = token_weights(micro_batch, scale).to(device)
-    mask = torch.cat(micro_batch.loss_mask).to(device)
-    token_ids = response_token_ids(micro_batch).to(device)
-    if cached.topk is not None:
-        loss, stats = chunked_topk_forward_kl(
-            logits,
-            cached.topk.to(device),
-            token_ids,
-            weights,
-            chunk_size=config.chunk_size,
-            temperature=config.temperature,
-            vocab_limit=logits.shape[-1],
+    keep = torch.ones_like(weights)
+    if config.tip_keep_fraction < 1.0:
+        with torch.no_grad():
+            # a fresh copy, so no log-prob computed without a graph is cached for the real pass
+            probe = distillation_objective(dataclasses.replace(tokens), cached, weights, ctx)
+        scores = tip_scores(probe.student_entropy, probe.divergence, config.tip_score)
+        keep = tip_keep_mask(scores, micro_batch.loss_mask, config.tip_keep_fraction).to(device)
+        weights = weights * keep
+    out = distillation_objective(tokens, cached, weights, ctx)
+    loss = config.distill_loss_coef * out.loss
+    task_metrics = {}
+    if config.task_loss_coef > 0:
+        task_loss, task_metrics = task_policy_loss(
+            tokens, _task_advantages(micro_batch, device), weights, ctx
         )
-        teacher_logp = cached.sampled_logp.to(device)
-        topk_sums = [_masked_sum(stats.teacher_topk_mass, mask), _masked_sum(stats.sampled_in_topk, mask)]
-    else:
-        loss, stats = chunked_distill_loss(
-            logits,
-            cached.logits.to(device, non_blocking=True),
-            token_ids,
-            weights,
-            loss_type=config.loss_type,
-            chunk_size=config.chunk_size,
-            temperature=config.temperature,
-            beta=config.beta,
-            loss_params=config.loss_params(step),
-        )
-        teacher_logp = stats.teacher_logp
-        topk_sums = []
+        loss = loss + config.task_loss_coef * task_loss
     loss.backward()
-    return torch.stack(
-        [
-            _masked_sum(weights * stats.divergence, weights != 0) / scale,
-            _masked_sum(stats.student_logp - teacher_logp, mask),
-            _masked_sum(-teacher_logp, mask),
-            _masked_sum(stats.student_entropy, mask),
-            mask.sum().double(),
-            *topk_sums,
-        ]
+    meter.add(out, tokens.mask, weights, keep, scale, task_metrics)
+
+
+def _micro_batch_tokens(engine, micro_batch, pad_token_id, device, ctx) -> MicroBatchTokens:
+    rollout_logp = micro_batch.rollout_logp
+    return MicroBatchTokens(
+        logits=response_logits(engine, micro_batch, pad_token_id=pad_token_id),
+        token_ids=response_token_ids(micro_batch).to(device),
+        mask=torch.cat(micro_batch.loss_mask).to(device),
+        lengths=[mask.numel() for mask in micro_batch.loss_mask],
+        rollout_logp=None if rollout_logp is None else torch.cat(rollout_logp).to(device),
+        chunk_size=ctx.config.chunk_size,
+        rollout_temperature=ctx.rollout_temperature,
     )
+
+
+def _task_advantages(micro_batch: OPDBatch, device) -> torch.Tensor:
+    if micro_batch.advantages is None:
+        raise ValueError("opd.task_loss_coef > 0 needs the trainer's task-reward advantages in the batch")
+    return torch.cat(micro_batch.advantages).to(device)
+
+
+class StepMetrics:
+    """Sums over loss tokens (reported as token means), minima and maxima, reduced over ranks once per step.
+
+    Zero-weight filler micro-batches add nothing, so padding a rank never moves a metric.
+    """
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), dtype=torch.float64))
+        self.mins: dict[str, float] = defaultdict(lambda: math.inf)
+        self.maxs: dict[str, float] = defaultdict(lambda: -math.inf)
+
+    def add(
+        self, out: ObjectiveOutput, mask, weights, keep, scale: float, task_metrics: dict[str, float]
+    ) -> None:
+        num_tokens = mask.sum().double()
+        per_token = {
+            "loss": torch.where(weights != 0, weights * out.divergence, 0.0) / scale,
+            "sampled_reverse_kl": out.student_logp - out.teacher_logp,
+            "teacher_nll": -out.teacher_logp,
+            "student_entropy": out.student_entropy,
+            "kept_token_fraction": keep,
+            **out.token_metrics,
+        }
+        for key, values in per_token.items():
+            self.sums[key] += _masked_sum(values, mask).cpu()
+        for key, value in {**out.mean_metrics, **task_metrics}.items():
+            self.sums[key] += float(value) * num_tokens.cpu()
+        for key, values in out.extreme_metrics.items():
+            if bool(mask.any()):
+                self.mins[key] = min(self.mins[key], float(values[mask.bool()].min()))
+                self.maxs[key] = max(self.maxs[key], float(values[mask.bool()].max()))
+        self.sums["num_tokens"] += num_tokens.cpu()
+
+    def reduce(self, dp_group, device) -> dict[str, float]:
+        """All-reduce over ``dp_group`` (same keys on every rank) and return ``opd/*`` metrics."""
+        keys = sorted(self.sums)
+        sums = torch.stack([self.sums[k] for k in keys]).to(device)
+        dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=dp_group)
+        totals = dict(zip(keys, sums.tolist(), strict=True))
+        num_tokens = totals.pop("num_tokens")
+        metrics = {f"opd/{key}": value / max(num_tokens, 1.0) for key, value in totals.items()}
+        metrics["opd/num_tokens"] = num_tokens
+        for name, values, op in (
+            ("min", self.mins, dist.ReduceOp.MIN),
+            ("max", self.maxs, dist.ReduceOp.MAX),
+        ):
+            names = sorted(values)
+            if names:
+                reduced = torch.tensor([values[k] for k in names], dtype=torch.float64, device=device)
+                dist.all_reduce(reduced, op=op, group=dp_group)
+                metrics.update({f"opd/{k}_{name}": v for k, v in zip(names, reduced.tolist(), strict=True)})
+        return metrics
 
 
 def _masked_sum(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -18,13 +18,14 @@ class SignalSpec:
 
     kind: str = "full"
     """'full': bf16 logits over the teacher's whole vocabulary (2 * V bytes per token);
-    'topk': top-k ids and log-probs, a tail bucket and the sampled token's log-prob (k * 8 + 8 bytes)."""
+    'topk': top-k ids and log-probs, a tail bucket and the sampled token's log-prob (k * 8 + 8 bytes);
+    'sampled': the sampled token's log-prob only (4 bytes)."""
 
     topk: int = 64
     """Entries per token of the 'topk' signal."""
 
     temperature: float = 1.0
-    """Temperature of the 'topk' log-probs: the loss temperature, as on the student side."""
+    """Temperature of the 'topk' and 'sampled' log-probs: the loss temperature, as on the student side."""
 
     chunk_size: int = 1024
     """Tokens per chunk when turning logits into the 'topk' signal."""
@@ -44,7 +45,7 @@ class CachedSignal:
     """'topk': ids ``[sum R_i, k]``, log-probs ``[sum R_i, k]`` and tail ``[sum R_i]``."""
 
     sampled_logp: torch.Tensor | None = None
-    """'topk': ``[sum R_i]`` teacher log-prob of each sampled token (for the sampled-token metrics)."""
+    """'topk' and 'sampled': ``[sum R_i]`` teacher log-prob of each sampled token."""
 
     def num_bytes(self) -> int:
         parts = [self.logits, self.sampled_logp] + (
@@ -129,6 +130,10 @@ def _to_host_signal(logits: torch.Tensor, token_ids: torch.Tensor, spec: SignalS
         host.copy_(logits, non_blocking=pin)
         return CachedSignal(logits=host)
     options = dict(temperature=spec.temperature, chunk_size=spec.chunk_size, vocab_limit=spec.vocab_limit)
+    if spec.kind == "sampled":
+        return CachedSignal(
+            sampled_logp=teacher_sampled_logp(logits, token_ids.to(logits.device), **options).cpu()
+        )
     return CachedSignal(
         topk=teacher_topk_signal(logits, spec.topk, **options).to("cpu"),
         sampled_logp=teacher_sampled_logp(logits, token_ids.to(logits.device), **options).cpu(),

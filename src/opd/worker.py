@@ -23,6 +23,7 @@ from common.batch import OPDBatch, build_opd_batch, micro_batch_rows
 from opd.config import OPDConfig
 from opd.devices import current_device, phase_meter
 from opd.evaluation import evaluate_held_out
+from opd.objectives import ObjectiveContext
 from opd.student import train_student_step
 from opd.teacher import SignalSpec, build_teacher_engine, run_teacher_phase
 
@@ -37,6 +38,11 @@ class OPDActorRolloutWorker(ActorRolloutRefWorker):
             OmegaConf.to_container(self.config.opd, resolve=True)
         ).validate()
         actor_config = omega_conf_to_dataclass(self.config.actor)
+        self.rollout_temperature = float(self.config.rollout.temperature)
+        self.opd_config.check_rollout_temperature(self.rollout_temperature)
+        # the policy-gradient losses read clip ratios and loss mode from here; token weights normalise
+        self.policy_config = omega_conf_to_dataclass(self.config.actor)
+        self.policy_config.global_batch_info.clear()
         self.teacher = build_teacher_engine(
             model_config=self._teacher_model_config(),
             engine_config=actor_config.engine,
@@ -101,8 +107,12 @@ class OPDActorRolloutWorker(ActorRolloutRefWorker):
                         self.student,
                         micro_batches,
                         [next(cached_signals) for _ in micro_batches],
-                        config=self.opd_config,
-                        step=step,
+                        ctx=ObjectiveContext(
+                            config=self.opd_config,
+                            step=step,
+                            rollout_temperature=self.rollout_temperature,
+                            policy_config=self.policy_config,
+                        ),
                         pad_token_id=self.pad_token_id,
                         dp_group=self.student.get_data_parallel_group(),
                         device=current_device(),
@@ -115,6 +125,8 @@ class OPDActorRolloutWorker(ActorRolloutRefWorker):
         weights = _per_sample(data["opd_sample_weight"]) if "opd_sample_weight" in data.keys() else None
         has_prompts = "prompts" in data.keys()
         return build_opd_batch(
+            rollout_log_probs=_per_token(data, "rollout_log_probs", self.opd_config.needs_rollout_log_probs),
+            advantages=_per_token(data, "advantages", self.opd_config.task_loss_coef > 0),
             responses=list(data["responses"].unbind()),
             response_mask=list(data["response_mask"].unbind()),
             prompts=list(data["prompts"].unbind()) if has_prompts else None,
@@ -150,6 +162,11 @@ class OPDActorRolloutWorker(ActorRolloutRefWorker):
         )
         self._teacher_answers = {key: answers}
         return metrics
+
+
+def _per_token(data: TensorDict, key: str, needed: bool) -> list[torch.Tensor] | None:
+    """Per-sample rows of a per-token field (jagged, one row per sample); None when not needed or absent."""
+    return list(data[key].unbind()) if needed and key in data.keys() else None
 
 
 def _per_sample(field: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 OVERLENGTH_POLICIES = ("truncate", "error")
+TIP_SCORES = ("entropy", "entropy_plus_divergence")
 
 
 class OPDConfigError(ValueError):
@@ -23,7 +24,9 @@ class OPDConfig:
 
     loss_type: str = "reverse_kl"
     """A divergence in ``opd.losses.LOSS_REGISTRY`` (reverse_kl, forward_kl, jsd, skew_kl,
-    skew_reverse_kl; full-vocabulary teacher signal) or ``forward_kl_topk`` (teacher top-k signal)."""
+    skew_reverse_kl, forward_then_reverse_kl; full-vocabulary teacher signal), ``forward_kl_topk`` (teacher
+    top-k signal), or a sampled-token policy-gradient objective, ``sampled_rkl_pg`` or ``iw_opd`` (teacher
+    log-prob of the sampled token only; they need ``rollout.calculate_log_probs``)."""
 
     beta: float = 0.5
     """Mixing weight of the generalised JSD, strictly between 0 and 1 (m = beta*q + (1-beta)*p)."""
@@ -39,6 +42,27 @@ class OPDConfig:
 
     paced_blend_steps: int = 0
     """``forward_then_reverse_kl``: steps over which the weight rises from 0 to 1 (0 = hard switch)."""
+
+    iw_opd_gamma: float = 0.5
+    """``iw_opd``: amplification of the prefix importance weights, w_t ~ exp(-gamma * D_{<t}) with D the
+    accumulated teacher-student log-ratio of the prefix; 0 gives uniform weights."""
+
+    iw_opd_epsilon: float = 1e-8
+    """``iw_opd``: stabiliser added to the denominator when the prefix weights are normalised to mean 1."""
+
+    tip_keep_fraction: float = 1.0
+    """TIP token selection: fraction of each response's loss tokens kept, ranked by ``tip_score``
+    (1.0 keeps all, i.e. off)."""
+
+    tip_score: str = "entropy"
+    """TIP ranking: 'entropy' (student entropy) or 'entropy_plus_divergence' (plus the per-token
+    teacher-student divergence of the objective)."""
+
+    distill_loss_coef: float = 1.0
+    """Weight of the distillation objective in the student loss."""
+
+    task_loss_coef: float = 0.0
+    """GRPO + OPD: weight of verl's policy loss on the task-reward (GRPO) advantages; 0 = pure OPD."""
 
     chunk_size: int = 1024
     """Tokens per chunk of the full-vocabulary loss: bounds its float32 intermediates to [chunk, V]."""
@@ -76,13 +100,14 @@ class OPDConfig:
     def validate(self) -> OPDConfig:
         """Raise :class:`OPDConfigError` naming the first bad key; return self for chaining."""
         from opd.losses import LOSS_REGISTRY
+        from opd.pg_losses import PG_OBJECTIVES
         from opd.topk_losses import TOPK_LOSS
 
         if not self.teacher_model_path:
             raise OPDConfigError("opd.teacher_model_path is required (set TEACHER_MODEL_PATH)")
         if not os.path.isdir(os.path.expanduser(self.teacher_model_path)):
             raise OPDConfigError(f"opd.teacher_model_path: no such folder: {self.teacher_model_path}")
-        known_losses = sorted({*LOSS_REGISTRY, TOPK_LOSS})
+        known_losses = sorted({*LOSS_REGISTRY, TOPK_LOSS, *PG_OBJECTIVES})
         if self.loss_type not in known_losses:
             raise OPDConfigError(
                 f"opd.loss_type: unknown loss {self.loss_type!r}; choose one of {known_losses}"
@@ -92,6 +117,7 @@ class OPDConfig:
         if not 0.0 <= self.skew_alpha < 1.0:
             raise OPDConfigError(f"opd.skew_alpha must satisfy 0 <= alpha < 1, got {self.skew_alpha}")
         _require_positive("opd.topk", self.topk)
+        self._validate_objective_mix()
         _require_positive("opd.paced_switch_step", self.paced_switch_step)
         if self.paced_blend_steps < 0:
             raise OPDConfigError(f"opd.paced_blend_steps must be >= 0, got {self.paced_blend_steps}")
@@ -110,12 +136,51 @@ class OPDConfig:
         _require_positive("opd.val_max_new_tokens", self.val_max_new_tokens)
         return self
 
+    def _validate_objective_mix(self) -> None:
+        if self.iw_opd_gamma < 0:
+            raise OPDConfigError(f"opd.iw_opd_gamma must be >= 0, got {self.iw_opd_gamma}")
+        _require_positive("opd.iw_opd_epsilon", self.iw_opd_epsilon)
+        if not 0.0 < self.tip_keep_fraction <= 1.0:
+            raise OPDConfigError(f"opd.tip_keep_fraction must be in (0, 1], got {self.tip_keep_fraction}")
+        if self.tip_score not in TIP_SCORES:
+            raise OPDConfigError(f"opd.tip_score must be one of {TIP_SCORES}, got {self.tip_score!r}")
+        for key in ("distill_loss_coef", "task_loss_coef"):
+            if getattr(self, key) < 0:
+                raise OPDConfigError(f"opd.{key} must be >= 0, got {getattr(self, key)}")
+        if self.distill_loss_coef == 0 and self.task_loss_coef == 0:
+            raise OPDConfigError(
+                "opd.distill_loss_coef and opd.task_loss_coef are both 0: nothing would be trained "
+                "(turn the task loss off only with a distillation loss on)"
+            )
+
     @property
     def teacher_signal(self) -> str:
-        """The teacher signal the loss needs: 'topk' for the top-k loss, else 'full'."""
+        """The teacher signal the objective needs: 'topk' (top-k loss), 'sampled' (policy-gradient
+        objectives) or 'full' (full-vocabulary divergences)."""
+        from opd.pg_losses import PG_OBJECTIVES
         from opd.topk_losses import TOPK_LOSS
 
-        return "topk" if self.loss_type == TOPK_LOSS else "full"
+        if self.loss_type == TOPK_LOSS:
+            return "topk"
+        return "sampled" if self.loss_type in PG_OBJECTIVES else "full"
+
+    def check_rollout_temperature(self, rollout_temperature: float) -> None:
+        """``iw_opd`` compares teacher and rollout log-probs, so both must be at the rollout temperature."""
+        from opd.pg_losses import IW_OPD
+
+        if self.loss_type == IW_OPD and self.temperature != rollout_temperature:
+            raise OPDConfigError(
+                "opd.loss_type=iw_opd compares the teacher with the rollout log-probs, taken at "
+                f"actor_rollout_ref.rollout.temperature={rollout_temperature}; set opd.temperature to the "
+                f"same value (got {self.temperature})"
+            )
+
+    @property
+    def needs_rollout_log_probs(self) -> bool:
+        """True when the rollout must return the log-probs of its sampled tokens (importance ratios)."""
+        from opd.pg_losses import PG_OBJECTIVES
+
+        return self.loss_type in PG_OBJECTIVES or self.task_loss_coef > 0
 
     def loss_params(self, step: int) -> dict[str, Any]:
         """Keyword parameters for the loss at training ``step`` (each loss takes the ones it declares)."""

@@ -1,0 +1,208 @@
+"""One interface over the distillation objectives, whatever teacher signal they read.
+
+- full-vocabulary divergences (``opd.losses``) read the cached teacher logits;
+- ``forward_kl_topk`` (``opd.topk_losses``) reads the top-k signal;
+- the policy-gradient objectives (``opd.pg_losses``) read the teacher's sampled-token log-probs and the
+  rollout log-probs, and also serve GRPO + OPD's task loss (:func:`task_policy_loss`).
+
+Every objective returns an :class:`ObjectiveOutput` with the same per-token diagnostics, so the student
+step, TIP selection and the metrics do not care which one ran.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+import torch
+
+from opd.config import OPDConfig
+from opd.losses import chunked_distill_loss
+from opd.pg_losses import (
+    IW_OPD,
+    chunked_token_logp,
+    iw_opd_advantages,
+    iw_opd_prefix_weights,
+    policy_gradient_loss,
+    sampled_rkl_advantages,
+    sampled_token_stats,
+)
+from opd.teacher import CachedSignal
+from opd.topk_losses import chunked_topk_forward_kl
+
+
+@dataclass(frozen=True)
+class ObjectiveContext:
+    """Settings every objective may read."""
+
+    config: OPDConfig
+    step: int
+    """Training step (the PACED schedule depends on it)."""
+    rollout_temperature: float
+    """Temperature the rollout sampled at: the importance ratio of policy-gradient losses uses it."""
+    policy_config: Any = None
+    """verl ``ActorConfig`` with an empty ``global_batch_info`` (policy loss mode and clip ratios)."""
+
+
+@dataclass
+class MicroBatchTokens:
+    """The response tokens of one micro-batch on the device, packed: ``N = sum R_i``."""
+
+    logits: torch.Tensor
+    """``[N, V_s]`` student logits predicting each response token (with gradient)."""
+    token_ids: torch.Tensor
+    """``[N]`` long: the response tokens."""
+    mask: torch.Tensor
+    """``[N]`` float32 loss mask (1 = model token)."""
+    lengths: list[int]
+    """Response length of each sample."""
+    rollout_logp: torch.Tensor | None
+    """``[N]`` rollout log-probs at the rollout temperature, or None."""
+    chunk_size: int
+    rollout_temperature: float
+
+    @cached_property
+    def student_logp_at_rollout_temperature(self) -> torch.Tensor:
+        """``[N]`` differentiable student log-probs at the rollout temperature (the ratio's numerator)."""
+        return chunked_token_logp(
+            self.logits,
+            self.token_ids,
+            temperature=self.rollout_temperature,
+            chunk_size=self.chunk_size,
+            vocab=self.logits.shape[-1],
+        )
+
+    def require_rollout_logp(self, why: str) -> torch.Tensor:
+        if self.rollout_logp is None:
+            raise ValueError(
+                f"{why} needs the rollout log-probs of the sampled tokens: "
+                "set actor_rollout_ref.rollout.calculate_log_probs=true"
+            )
+        return self.rollout_logp
+
+
+@dataclass
+class ObjectiveOutput:
+    """Loss and detached ``[N]`` float32 diagnostics of one micro-batch."""
+
+    loss: torch.Tensor
+    divergence: torch.Tensor
+    """Per-token divergence (the sampled log-ratio ``s - q`` for policy-gradient objectives)."""
+    student_logp: torch.Tensor
+    teacher_logp: torch.Tensor
+    student_entropy: torch.Tensor
+    token_metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Extra per-token values, reported as their mean over loss tokens (``opd/<name>``)."""
+    extreme_metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Per-token values reported as their min and max over loss tokens (``opd/<name>_min|max``)."""
+    mean_metrics: dict[str, float] = field(default_factory=dict)
+    """verl policy-loss metrics, already means over this micro-batch's loss tokens."""
+
+
+def distillation_objective(
+    tokens: MicroBatchTokens, cached: CachedSignal, weights: torch.Tensor, ctx: ObjectiveContext
+) -> ObjectiveOutput:
+    """The configured objective on one micro-batch; ``weights`` [N] are the per-token loss weights."""
+    if cached.logits is not None:
+        return _full_vocabulary(tokens, cached, weights, ctx)
+    if cached.topk is not None:
+        return _topk(tokens, cached, weights, ctx)
+    return _policy_gradient(tokens, cached, weights, ctx)
+
+
+def _full_vocabulary(tokens, cached, weights, ctx) -> ObjectiveOutput:
+    config = ctx.config
+    loss, stats = chunked_distill_loss(
+        tokens.logits,
+        cached.logits.to(tokens.logits.device, non_blocking=True),
+        tokens.token_ids,
+        weights,
+        loss_type=config.loss_type,
+        chunk_size=config.chunk_size,
+        temperature=config.temperature,
+        beta=config.beta,
+        loss_params=config.loss_params(ctx.step),
+    )
+    return ObjectiveOutput(
+        loss, stats.divergence, stats.student_logp, stats.teacher_logp, stats.student_entropy
+    )
+
+
+def _topk(tokens, cached, weights, ctx) -> ObjectiveOutput:
+    loss, stats = chunked_topk_forward_kl(
+        tokens.logits,
+        cached.topk.to(tokens.logits.device),
+        tokens.token_ids,
+        weights,
+        chunk_size=ctx.config.chunk_size,
+        temperature=ctx.config.temperature,
+        vocab_limit=tokens.logits.shape[-1],
+    )
+    return ObjectiveOutput(
+        loss,
+        stats.divergence,
+        stats.student_logp,
+        cached.sampled_logp.to(tokens.logits.device),
+        stats.student_entropy,
+        token_metrics={
+            "teacher_topk_mass": stats.teacher_topk_mass,
+            "sampled_token_in_topk": stats.sampled_in_topk,
+        },
+    )
+
+
+def _policy_gradient(tokens, cached, weights, ctx) -> ObjectiveOutput:
+    config = ctx.config
+    student_logp, entropy = sampled_token_stats(
+        tokens.logits,
+        tokens.token_ids,
+        temperature=config.temperature,
+        chunk_size=config.chunk_size,
+        vocab=tokens.logits.shape[-1],
+    )
+    teacher_logp = cached.sampled_logp.to(tokens.logits.device).to(student_logp.dtype)
+    rollout_logp = tokens.require_rollout_logp(f"opd.loss_type={config.loss_type}")
+    token_metrics, extreme_metrics = {}, {}
+    if config.loss_type == IW_OPD:
+        raw = iw_opd_advantages(teacher_logp, rollout_logp.to(teacher_logp.dtype), tokens.mask)
+        prefix = iw_opd_prefix_weights(
+            raw, tokens.lengths, gamma=config.iw_opd_gamma, epsilon=config.iw_opd_epsilon
+        )
+        advantages = prefix * raw
+        token_metrics = {"iw_opd/weight_mean": prefix, "iw_opd/abs_advantage_mean": raw.abs()}
+        extreme_metrics = {"iw_opd/weight": prefix}
+    else:
+        advantages = sampled_rkl_advantages(student_logp, teacher_logp, tokens.mask)
+    loss, pg_metrics = policy_gradient_loss(
+        tokens.student_logp_at_rollout_temperature,
+        rollout_logp,
+        advantages.to(torch.float32),
+        weights,
+        ctx.policy_config,
+    )
+    return ObjectiveOutput(
+        loss,
+        student_logp - teacher_logp,
+        student_logp,
+        teacher_logp,
+        entropy,
+        token_metrics={**token_metrics, "pg/advantage_mean": advantages},
+        extreme_metrics=extreme_metrics,
+        mean_metrics={f"pg/{key}": value for key, value in pg_metrics.items()},
+    )
+
+
+def task_policy_loss(
+    tokens: MicroBatchTokens, advantages: torch.Tensor, weights: torch.Tensor, ctx: ObjectiveContext
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """GRPO + OPD's task term: verl's policy loss on the task-reward advantages ``[N]``."""
+    rollout_logp = tokens.require_rollout_logp("opd.task_loss_coef > 0")
+    loss, metrics = policy_gradient_loss(
+        tokens.student_logp_at_rollout_temperature,
+        rollout_logp,
+        torch.where(tokens.mask.bool(), advantages, 0.0),
+        weights,
+        ctx.policy_config,
+    )
+    return loss, {f"task/{key}": value for key, value in metrics.items()}
