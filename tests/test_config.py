@@ -43,6 +43,14 @@ def test_defaults_are_valid(teacher_dir):
         ({"skew_alpha": 1.0}, "opd.skew_alpha"),
         ({"skew_alpha": -0.1}, "opd.skew_alpha"),
         ({"topk": 0}, "opd.topk"),
+        ({"iw_opd_gamma": -0.1}, "opd.iw_opd_gamma"),
+        ({"iw_opd_epsilon": 0.0}, "opd.iw_opd_epsilon"),
+        ({"tip_keep_fraction": 0.0}, "opd.tip_keep_fraction"),
+        ({"tip_keep_fraction": 1.5}, "opd.tip_keep_fraction"),
+        ({"tip_score": "vibes"}, "opd.tip_score"),
+        ({"task_loss_coef": -1.0}, "opd.task_loss_coef"),
+        ({"distill_loss_coef": -1.0}, "opd.distill_loss_coef"),
+        ({"distill_loss_coef": 0.0}, "opd.distill_loss_coef and opd.task_loss_coef are both 0"),
     ],
 )
 def test_each_bad_key_is_named(teacher_dir, overrides, key):
@@ -54,6 +62,15 @@ def test_loss_type_selects_the_teacher_signal(teacher_dir):
     assert _config(teacher_dir, loss_type="forward_kl_topk").validate().teacher_signal == "topk"
     for loss in ("reverse_kl", "forward_kl", "jsd", "skew_kl", "skew_reverse_kl"):
         assert _config(teacher_dir, loss_type=loss).validate().teacher_signal == "full"
+    for loss in ("sampled_rkl_pg", "iw_opd"):
+        config = _config(teacher_dir, loss_type=loss).validate()
+        assert config.teacher_signal == "sampled" and config.needs_rollout_log_probs
+
+
+def test_task_loss_alone_is_valid_and_needs_rollout_log_probs(teacher_dir):
+    config = _config(teacher_dir, distill_loss_coef=0.0, task_loss_coef=1.0).validate()
+    assert config.needs_rollout_log_probs
+    assert not _config(teacher_dir).validate().needs_rollout_log_probs
 
 
 def test_unknown_loss_lists_the_valid_ones(teacher_dir):

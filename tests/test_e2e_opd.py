@@ -104,14 +104,18 @@ def test_bad_config_fails_before_ray_starts(pair_and_data, isolated_run_env, ove
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("objective", "extra"),
+    ("objective", "extra", "cache_bytes"),
     [
-        ("sampled_rkl_pg", ("opd.tip_keep_fraction=0.5",)),
-        ("iw_opd", ("opd.task_loss_coef=0.5", "opd.tip_score=entropy_plus_divergence")),
+        ("forward_kl_topk", ("opd.topk=8",), 8 * 8 + 8),
+        ("sampled_rkl_pg", ("opd.tip_keep_fraction=0.5",), 4),
+        ("iw_opd", ("opd.task_loss_coef=0.5", "opd.tip_score=entropy_plus_divergence"), 4),
     ],
 )
-def test_policy_gradient_objectives_through_ray(pair_and_data, isolated_run_env, tmp_path, objective, extra):
-    """The rollout's own log-probs reach the importance ratio; GRPO advantages reach the task loss."""
+def test_compact_signal_objectives_through_ray(
+    pair_and_data, isolated_run_env, tmp_path, objective, extra, cache_bytes
+):
+    """Each compact teacher signal in a real run; for the policy-gradient objectives the rollout's own
+    log-probs reach the importance ratio, and GRPO advantages reach the task loss."""
     root, train, val = pair_and_data
     run_dir = tmp_path / "run"
     overrides = (
@@ -131,9 +135,13 @@ def test_policy_gradient_objectives_through_ray(pair_and_data, isolated_run_env,
     print(f"{objective} 1 step through Ray on CPU: {time.monotonic() - start:.1f}s wall")
     log = log_path.read_text(errors="replace")
     assert rc == 0, log[-6000:]
-    assert "calculate_log_probs=true" in log
     (record,) = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert record["opd/cache_bytes_per_token"] == 4 and record["opd/skipped_step"] == 0
+    assert record["opd/cache_bytes_per_token"] == cache_bytes and record["opd/skipped_step"] == 0
+    assert record["opd/grad_norm"] > 0
+    if objective == "forward_kl_topk":
+        assert 0 < record["opd/teacher_topk_mass"] <= 1
+        return
+    assert "calculate_log_probs=true" in log
     # the rollout engine samples from the same weights: the ratio starts at 1 (up to bf16 noise)
     assert abs(record["opd/pg/ppo_kl"]) < 0.05
     assert 0.5 <= record["opd/kept_token_fraction"] <= (0.75 if "tip_keep" in " ".join(extra) else 1.0)

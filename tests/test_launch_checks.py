@@ -61,3 +61,25 @@ def test_switches_pure_opd_does_not_support_are_rejected(setup, override):
     root, train, val = setup
     with pytest.raises(OPDConfigError, match=override.split("=")[0]):
         validate_before_launch(_config(root, train, val, override))
+
+
+def test_policy_gradient_objective_turns_on_rollout_log_probs(setup, capsys):
+    root, train, val = setup
+    config = _config(root, train, val, "opd.loss_type=sampled_rkl_pg")
+    assert not config.actor_rollout_ref.rollout.calculate_log_probs
+    validate_before_launch(config)
+    assert config.actor_rollout_ref.rollout.calculate_log_probs
+    assert "calculate_log_probs=true" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (("opd.loss_type=iw_opd", "actor_rollout_ref.rollout.temperature=0.7"), "rollout.temperature"),
+        (("opd.task_loss_coef=1.0", "actor_rollout_ref.rollout.n=1"), "rollout.n >= 2"),
+    ],
+)
+def test_objective_rollout_mismatches_stop_the_launch(setup, overrides, message):
+    root, train, val = setup
+    with pytest.raises(OPDConfigError, match=message.replace(".", r"\.")):
+        validate_before_launch(_config(root, train, val, *overrides))

@@ -155,18 +155,16 @@ def test_paced_schedule_switches_from_forward_to_reverse_kl(models):
 
 
 def test_rollout_temperature_does_not_change_the_distillation_loss(models):
-    from verl.utils import tensordict_utils as tu
-
     student, teacher = models
-    worker = tiny_worker(student, teacher, "actor_rollout_ref.actor.optim.lr=0")
-    losses = []
-    for rollout_temperature in (1.0, 0.6):
-        data = rollout_batch(4, seed=13)
-        tu.assign_non_tensor(data, temperature=rollout_temperature)
-        losses.append(worker.update_actor(data)["metrics"]["opd/loss"])
+    lr0 = "actor_rollout_ref.actor.optim.lr=0"
+    losses = [
+        tiny_worker(student, teacher, lr0, f"actor_rollout_ref.rollout.temperature={t}")
+        .update_actor(rollout_batch(4, seed=13))["metrics"]["opd/loss"]
+        for t in (1.0, 0.6)
+    ]
     assert losses[0] == pytest.approx(losses[1], rel=1e-6)
     # while the loss temperature does change it (both sides scaled alike)
-    hot = tiny_worker(student, teacher, "actor_rollout_ref.actor.optim.lr=0", "opd.temperature=2.0")
+    hot = tiny_worker(student, teacher, lr0, "opd.temperature=2.0")
     assert hot.update_actor(rollout_batch(4, seed=13))["metrics"]["opd/loss"] != pytest.approx(
         losses[0], rel=1e-3
     )

@@ -21,6 +21,9 @@ OPD_LOSS_TYPE="${OPD_LOSS_TYPE:-reverse_kl}"
 OPD_CHUNK_SIZE="${OPD_CHUNK_SIZE:-1024}"
 OPD_MAX_LENGTH="${OPD_MAX_LENGTH:-null}"
 OPD_REWARD_BETA="${OPD_REWARD_BETA:-null}"
+OPD_TOPK="${OPD_TOPK:-64}"
+OPD_TIP_KEEP_FRACTION="${OPD_TIP_KEEP_FRACTION:-1.0}"
+OPD_TASK_LOSS_COEF="${OPD_TASK_LOSS_COEF:-0.0}"
 RUN_DIR="${RUN_DIR:-$OUTPUT_ROOT/opd/$MODEL_NAME-$(date +%Y%m%d-%H%M%S)}"
 training_args
 
@@ -38,5 +41,8 @@ exec "$OPD_PYTHON" -m opd.main_opd \
   opd.chunk_size="$OPD_CHUNK_SIZE" \
   opd.max_length="$OPD_MAX_LENGTH" \
   opd.reward_beta="$OPD_REWARD_BETA" \
+  opd.topk="$OPD_TOPK" \
+  opd.tip_keep_fraction="$OPD_TIP_KEEP_FRACTION" \
+  opd.task_loss_coef="$OPD_TASK_LOSS_COEF" \
   "${DEFAULT_RUN_ARGS[@]}" \
   "$@"
