@@ -1,5 +1,9 @@
 """Peak extra memory and time of the chunked distillation loss vs a naive unchunked loss.
 
+``--loss sampled_rkl_pg`` measures the sampled-token policy-gradient path instead (student log-prob and
+entropy of the sampled token, a differentiable log-prob at the rollout temperature, ratio-times-advantage
+loss); its naive baseline takes a whole-batch fp32 log-softmax.
+
 "Peak extra" is the peak memory allocated during forward + backward minus the gradient of the student logits
 (``N * V_s * elem_size``), which any implementation must materialise. Inputs exist before measurement starts.
 The forward's peak happens before that gradient exists, so when the gradient is larger than the forward's
@@ -31,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from memtrack import measure_peak_bytes  # noqa: E402
 
 from opd.losses import chunked_distill_loss, get_loss  # noqa: E402
+from opd.pg_losses import PG_OBJECTIVES, chunked_token_logp, sampled_token_stats  # noqa: E402
 
 MIB = 2**20
 # Full-size fp32 [N, V] buffers a naive loss keeps alive at its peak (measured ~5-6 for reverse_kl, more for
@@ -78,12 +83,32 @@ def make_inputs(n: int, vocab: int, dtype: torch.dtype, device: str) -> Inputs:
     return Inputs(student, teacher, ids, weights)
 
 
+def policy_gradient_loss(x: Inputs, chunk: int | None, temperature: float) -> torch.Tensor:
+    """Sampled-token policy gradient at ratio 1 against a teacher log-prob; chunked, or naive for None."""
+    vocab = x.student.shape[1]
+    with torch.no_grad():
+        teacher_logp = torch.log_softmax(x.teacher.float(), -1).gather(-1, x.ids[:, None]).squeeze(-1)
+    if chunk is None:
+        logp_all = torch.log_softmax(x.student.float() / temperature, -1)
+        logp = logp_all.gather(-1, x.ids[:, None]).squeeze(-1)
+        student_logp = logp.detach()
+    else:
+        student_logp, _ = sampled_token_stats(
+            x.student, x.ids, temperature=1.0, chunk_size=chunk, vocab=vocab
+        )
+        logp = chunked_token_logp(x.student, x.ids, temperature=temperature, chunk_size=chunk, vocab=vocab)
+    advantages = teacher_logp - student_logp
+    return -(x.weights * advantages * torch.exp(logp - logp.detach())).sum()
+
+
 def _step_fn(impl: str, x: Inputs, args) -> Callable[[], torch.Tensor]:
     """A closure running one forward + backward of ``impl`` ("chunked" or "naive") and returning the loss."""
 
     def step() -> torch.Tensor:
         x.student.grad = None
-        if impl == "chunked":
+        if args.loss in PG_OBJECTIVES:
+            loss = policy_gradient_loss(x, args.chunk if impl == "chunked" else None, args.temperature)
+        elif impl == "chunked":
             loss, _ = chunked_distill_loss(
                 x.student,
                 x.teacher,

@@ -20,7 +20,8 @@ from bench_loss_memory import naive_distill_loss  # noqa: E402
 from memtrack import StorageTracker, measure_peak_bytes  # noqa: E402
 
 from opd.losses import LOSS_REGISTRY, chunked_distill_loss, register_loss  # noqa: E402
-from opd.topk_losses import chunked_topk_forward_kl, teacher_topk_signal  # noqa: E402
+from opd.pg_losses import chunked_token_logp, sampled_token_stats  # noqa: E402
+from opd.topk_losses import chunked_topk_forward_kl, teacher_sampled_logp, teacher_topk_signal  # noqa: E402
 
 VOCAB = 4096
 CHUNK = 128
@@ -200,3 +201,37 @@ def test_topk_forward_saves_no_chunk_intermediates():
         assert tracker.current <= 5 * n * 4 + 64
         assert tracker.peak < 6 * CHUNK_BYTES
         loss.backward()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Sampled-token policy-gradient path
+# ------------------------------------------------------------------------------------------------------------
+
+
+def pg_extra_peak_bytes(n: int) -> int:
+    """Peak of the policy-gradient path (stats, differentiable sampled log-probs, a ratio-times-advantage
+    loss, backward) beyond the student grad [n, V] and a few dozen [n] vectors."""
+    student, teacher, ids, weights = make_inputs(n)
+    teacher_logp = teacher_sampled_logp(teacher, ids, chunk_size=CHUNK)
+    del teacher
+
+    def step():
+        student_logp, entropy = sampled_token_stats(
+            student, ids, temperature=1.0, chunk_size=CHUNK, vocab=VOCAB
+        )
+        logp = chunked_token_logp(student, ids, temperature=0.9, chunk_size=CHUNK, vocab=VOCAB)
+        advantages = teacher_logp - student_logp
+        loss = -(weights * advantages * torch.exp(logp - logp.detach())).sum()
+        loss.backward()
+        return loss, entropy
+
+    peak = measure_peak_bytes(step)
+    return peak - (student.numel() * student.element_size() + 32 * n * 4)
+
+
+def test_policy_gradient_path_extra_peak_is_flat_in_tokens():
+    extras = {n: pg_extra_peak_bytes(n) for n in TOKEN_COUNTS}
+    in_chunks = {n: round(e / CHUNK_BYTES, 2) for n, e in extras.items()}  # shown on failure
+    for n in TOKEN_COUNTS:
+        assert extras[n] <= 1.5 * max(extras[TOKEN_COUNTS[0]], CHUNK_BYTES), in_chunks
+        assert extras[n] < 4 * CHUNK_BYTES, in_chunks

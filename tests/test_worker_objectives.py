@@ -44,17 +44,18 @@ def test_cache_bytes_per_token_follow_the_signal(models):  # noqa: F811
     assert cost == {"reverse_kl": 2 * (TOKENIZER_SIZE + 13), TOPK_LOSS: 8 * 8 + 8, "sampled_rkl_pg": 4}
 
 
-def test_rollout_log_probs_stay_aligned_per_row(models):  # noqa: F811
+@pytest.mark.parametrize("loss_type", PG_OBJECTIVES)
+def test_rollout_log_probs_stay_aligned_per_row(models, loss_type):  # noqa: F811
     """Prompts of different lengths in one batch: the ratio is 1 up to bf16 noise only if rows align."""
     student, teacher = models
     data = _batch(student, seed=22)
     assert len({p.numel() for p in data["prompts"].unbind()}) > 1
-    metrics = tiny_worker(student, teacher, "opd.loss_type=sampled_rkl_pg").update_actor(data)["metrics"]
+    metrics = tiny_worker(student, teacher, f"opd.loss_type={loss_type}").update_actor(data)["metrics"]
     assert abs(metrics["opd/pg/ppo_kl"]) < 1e-3 and metrics["opd/pg/pg_clipfrac"] == 0
     shifted = data.clone()
     rows = [row.roll(1) for row in data["rollout_log_probs"].unbind()]
     shifted["rollout_log_probs"] = torch.nested.as_nested_tensor(rows, layout=torch.jagged)
-    bad = tiny_worker(student, teacher, "opd.loss_type=sampled_rkl_pg").update_actor(shifted)["metrics"]
+    bad = tiny_worker(student, teacher, f"opd.loss_type={loss_type}").update_actor(shifted)["metrics"]
     assert abs(bad["opd/pg/ppo_kl"]) > 100 * abs(metrics["opd/pg/ppo_kl"])
 
 

@@ -21,14 +21,22 @@ from opd.losses import chunked_distill_loss
 from opd.model_forward import response_logits
 from opd.teacher import run_teacher_phase
 
-_MICRO_BATCH = 4
-
 
 @torch.no_grad()
 def evaluate_held_out(
-    student, teacher, prompts, *, config: OPDConfig, eos_token_id, pad_token_id, teacher_answers=None
+    student,
+    teacher,
+    prompts,
+    *,
+    config: OPDConfig,
+    eos_token_id,
+    pad_token_id,
+    micro_batch_size: int,
+    teacher_answers=None,
 ) -> tuple[dict[str, float], list[torch.Tensor]]:
     """Return the ``val-opd/*`` metrics and the teacher's greedy answers.
+
+    Forwards run ``micro_batch_size`` answers at a time, the training micro-batch size.
 
     The teacher is frozen and answers greedily, so its answers are the same at every evaluation:
     pass back the returned ones as ``teacher_answers`` to skip generating them again.
@@ -37,8 +45,8 @@ def evaluate_held_out(
     student_answers = _generate(student, prompts, config, eos_token_id, pad_token_id, sample=True)
     if teacher_answers is None:
         teacher_answers = _generate(teacher, prompts, config, eos_token_id, pad_token_id, sample=False)
-    own = _split(_answer_batch(prompts, student_answers))
-    teachers = _split(_answer_batch(prompts, teacher_answers))
+    own = _split(_answer_batch(prompts, student_answers), micro_batch_size)
+    teachers = _split(_answer_batch(prompts, teacher_answers), micro_batch_size)
     cache = [s.logits for s in run_teacher_phase(teacher, own + teachers, pad_token_id=pad_token_id).signals]
 
     reverse = _divergence_sums(student, own, cache[: len(own)], "reverse_kl", config, pad_token_id)
@@ -94,8 +102,8 @@ def _answer_batch(prompts, answers) -> OPDBatch:
     return build_opd_batch(responses=answers, response_mask=masks, prompts=prompts)
 
 
-def _split(batch: OPDBatch) -> list[OPDBatch]:
-    return [batch.select(rows) for rows in micro_batch_rows(len(batch), _MICRO_BATCH)]
+def _split(batch: OPDBatch, micro_batch_size: int) -> list[OPDBatch]:
+    return [batch.select(rows) for rows in micro_batch_rows(len(batch), micro_batch_size)]
 
 
 def _divergence_sums(student, micro_batches, cached, loss_type, config, pad_token_id) -> dict[str, float]:

@@ -158,6 +158,7 @@ class OPDActorRolloutWorker(ActorRolloutRefWorker):
             config=self.opd_config,
             eos_token_id=self.student.model_config.tokenizer.eos_token_id,
             pad_token_id=self.pad_token_id,
+            micro_batch_size=self.micro_batch_size,
             teacher_answers=self._teacher_answers.get(key),
         )
         self._teacher_answers = {key: answers}
