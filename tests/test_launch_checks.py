@@ -83,3 +83,12 @@ def test_objective_rollout_mismatches_stop_the_launch(setup, overrides, message)
     root, train, val = setup
     with pytest.raises(OPDConfigError, match=message.replace(".", r"\.")):
         validate_before_launch(_config(root, train, val, *overrides))
+
+
+def test_grpo_plus_opd_needs_no_reference_model(setup):
+    from verl.trainer.ppo.utils import need_reference_policy
+
+    root, train, val = setup
+    config = _config(root, train, val, "opd.task_loss_coef=1.0", "actor_rollout_ref.rollout.n=2")
+    validate_before_launch(config)
+    assert not need_reference_policy(config)

@@ -273,3 +273,23 @@ def test_missing_rollout_log_probs_name_the_switch(policy_config):
     tokens = _tokens(student, ids, [6], None, 1.0)
     with pytest.raises(ValueError, match="calculate_log_probs"):
         distillation_objective(tokens, _signal(SAMPLED_RKL_PG, teacher, ids, 1.0, 17), torch.ones(6), ctx)
+
+
+@pytest.mark.parametrize("loss_type", PG_OBJECTIVES)
+def test_minus_infinity_teacher_entries_never_make_nan(loss_type, policy_config):
+    """-inf teacher logits off the sampled tokens, and on the sampled token of a masked row."""
+    student, teacher, ids, _ = make_inputs(10, 19, seed=11)
+    teacher[:, 15:] = float("-inf")
+    ids = ids.clamp(max=14)
+    teacher[3, ids[3]] = float("-inf")
+    config = OPDConfig(teacher_model_path="unused", loss_type=loss_type)
+    ctx = ObjectiveContext(config, step=1, rollout_temperature=1.0, policy_config=policy_config)
+    x = student.clone().requires_grad_(True)
+    rollout_logp = ref_token_logp(student, ids, 1.0, 19).float()
+    tokens = _tokens(x, ids, [4, 6], rollout_logp, 1.0)
+    tokens.mask[3] = 0.0
+    weights = tokens.mask / tokens.mask.sum()
+    out = distillation_objective(tokens, _signal(loss_type, teacher, ids, 1.0, 19), weights, ctx)
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and bool(torch.isfinite(x.grad).all())
+    assert torch.count_nonzero(x.grad[3]) == 0
