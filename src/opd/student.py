@@ -1,4 +1,4 @@
-"""Phase 2 of the update: student forward, chunked divergence vs the cached teacher, one optimizer step."""
+"""Phase 2 of the update: student forward, the objective vs the cached teacher signal, one optimizer step."""
 
 from __future__ import annotations
 
