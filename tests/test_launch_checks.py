@@ -77,6 +77,10 @@ def test_policy_gradient_objective_turns_on_rollout_log_probs(setup, capsys):
     [
         (("opd.loss_type=iw_opd", "actor_rollout_ref.rollout.temperature=0.7"), "rollout.temperature"),
         (("opd.task_loss_coef=1.0", "actor_rollout_ref.rollout.n=1"), "rollout.n >= 2"),
+        (
+            ("opd.loss_type=iw_opd", "actor_rollout_ref.actor.policy_loss.loss_mode=gspo"),
+            "policy_loss.loss_mode",
+        ),
     ],
 )
 def test_objective_rollout_mismatches_stop_the_launch(setup, overrides, message):

@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from opd.config import OPDConfig, OPDConfigError
 from opd.pairing import check_pairing
+from opd.pg_losses import TOKEN_LEVEL_POLICY_LOSSES
 
 # Imported in every verl process (driver, task runner, workers) so the "opd" trainer is registered.
 _EXTERNAL_MODULES = ("opd.trainer",)
@@ -90,6 +91,13 @@ def _check_objective_needs(config: DictConfig, opd_config: OPDConfig) -> None:
         raise OPDConfigError(
             "opd.task_loss_coef > 0 with GRPO advantages needs actor_rollout_ref.rollout.n >= 2 "
             "(a group of one response has advantage 0)"
+        )
+    loss_mode = config.actor_rollout_ref.actor.policy_loss.loss_mode
+    if opd_config.needs_rollout_log_probs and loss_mode not in TOKEN_LEVEL_POLICY_LOSSES:
+        raise OPDConfigError(
+            f"actor_rollout_ref.actor.policy_loss.loss_mode={loss_mode!r}: the OPD policy-gradient "
+            "terms pack the tokens of many responses into one row, so only token-level modes work: "
+            f"{TOKEN_LEVEL_POLICY_LOSSES}"
         )
     if opd_config.needs_rollout_log_probs and not rollout.calculate_log_probs:
         with open_dict(config):

@@ -36,6 +36,9 @@ IW_OPD = "iw_opd"
 PG_OBJECTIVES = (SAMPLED_RKL_PG, IW_OPD)
 """``opd.loss_type`` values of the policy-gradient objectives; their teacher signal is 'sampled'."""
 
+TOKEN_LEVEL_POLICY_LOSSES = ("vanilla",)
+"""verl policy-loss modes that act on each token alone, so responses may be packed into one row."""
+
 
 def _compute_dtype(logits: torch.Tensor) -> torch.dtype:
     return torch.float64 if logits.dtype == torch.float64 else torch.float32
@@ -157,8 +160,9 @@ def policy_gradient_loss(
         rollout_logp: ``r``, the rollout engine's log-probs (the importance ratio's denominator).
         advantages: detached per-token advantages.
         token_weights: loss mask x sample weight x normaliser; a 0 removes the token exactly.
-        policy_config: verl's ``ActorConfig`` (``policy_loss.loss_mode``, clip ratios); its
-            ``global_batch_info`` must be empty because ``token_weights`` already normalise.
+        policy_config: verl's ``ActorConfig`` (``policy_loss.loss_mode``, one of
+            ``TOKEN_LEVEL_POLICY_LOSSES``; clip ratios); its ``global_batch_info`` must be empty because
+            ``token_weights`` already normalise.
     """
     from verl.trainer.ppo.core_algos import get_policy_loss_fn
 
