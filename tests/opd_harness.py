@@ -34,10 +34,11 @@ def padding_only_batch(num_samples: int) -> TensorDict:
     return data
 
 
-def run_rank(rank: int, world_size: int, port: int, student: str, teacher: str, results) -> None:
-    """One rank of a multi-process gloo run: rank 0 holds real rows, the others only padding rows."""
-    worker = tiny_worker(student, teacher, rank=rank, world_size=world_size, port=port)
-    data = rollout_batch(4, seed=11) if rank == 0 else padding_only_batch(1)
+def run_rank(rank: int, world_size: int, port: int, student: str, teacher: str, results, *overrides) -> None:
+    """One rank of a multi-process gloo run: rank 0 holds real rows (with the student's rollout log-probs),
+    the others only padding rows."""
+    worker = tiny_worker(student, teacher, *overrides, rank=rank, world_size=world_size, port=port)
+    data = with_rollout_log_probs(rollout_batch(4, seed=11), student) if rank == 0 else padding_only_batch(1)
     results.put((rank, dict(worker.update_actor(data)["metrics"])))
 
 

@@ -14,7 +14,8 @@ TIMEOUT_S = 300
 
 
 @pytest.mark.slow
-def test_rank_with_only_padding_rows_completes(tmp_path):
+@pytest.mark.parametrize("loss_type", ["reverse_kl", "iw_opd"])
+def test_rank_with_only_padding_rows_completes(tmp_path, loss_type):
     build_tiny_model(tmp_path / "student", num_layers=2, seed=0)
     build_tiny_model(tmp_path / "teacher", num_layers=3, seed=1)
     context = mp.get_context("spawn")
@@ -23,7 +24,15 @@ def test_rank_with_only_padding_rows_completes(tmp_path):
     procs = [
         context.Process(
             target=run_rank,
-            args=(rank, 2, port, str(tmp_path / "student"), str(tmp_path / "teacher"), results),
+            args=(
+                rank,
+                2,
+                port,
+                str(tmp_path / "student"),
+                str(tmp_path / "teacher"),
+                results,
+                f"opd.loss_type={loss_type}",
+            ),
         )
         for rank in range(2)
     ]
@@ -47,4 +56,10 @@ def test_rank_with_only_padding_rows_completes(tmp_path):
         assert collected[0][key] == pytest.approx(collected[1][key]), key
     real_tokens = sum(int(m.sum()) for m in rollout_batch(4, seed=11)["response_mask"].unbind())
     assert collected[0]["opd/num_tokens"] == real_tokens
-    assert torch.isfinite(torch.tensor(collected[0]["opd/loss"])) and collected[0]["opd/loss"] > 0
+    assert torch.isfinite(torch.tensor(collected[0]["opd/loss"]))
+    if loss_type == "iw_opd":
+        # the min/max reductions ran on both ranks, the padding rank contributing nothing
+        assert collected[0]["opd/iw_opd/weight_max"] == pytest.approx(collected[1]["opd/iw_opd/weight_max"])
+        assert 1.0 <= collected[0]["opd/iw_opd/weight_min"] <= collected[0]["opd/iw_opd/weight_max"] <= 1.5
+    else:
+        assert collected[0]["opd/loss"] > 0

@@ -74,6 +74,9 @@ class MicroBatchTokens:
         )
 
     def require_rollout_logp(self, why: str) -> torch.Tensor:
+        """The rollout log-probs; a micro-batch with nothing in the loss (padding) may lack them."""
+        if self.rollout_logp is None and not bool(self.mask.any()):
+            return torch.zeros_like(self.mask)
         if self.rollout_logp is None:
             raise ValueError(
                 f"{why} needs the rollout log-probs of the sampled tokens: "

@@ -141,9 +141,11 @@ class StepMetrics:
         for key, value in {**out.mean_metrics, **task_metrics}.items():
             self.sums[key] += float(value) * num_tokens.cpu()
         for key, values in out.extreme_metrics.items():
-            if bool(mask.any()):
-                self.mins[key] = min(self.mins[key], float(values[mask.bool()].min()))
-                self.maxs[key] = max(self.maxs[key], float(values[mask.bool()].max()))
+            # every rank registers every key, even without loss tokens, so the reductions match
+            in_loss = values[mask.bool()]
+            empty = in_loss.numel() == 0
+            self.mins[key] = min(self.mins[key], math.inf if empty else float(in_loss.min()))
+            self.maxs[key] = max(self.maxs[key], -math.inf if empty else float(in_loss.max()))
         self.sums["num_tokens"] += num_tokens.cpu()
 
     def reduce(self, dp_group, device) -> dict[str, float]:
