@@ -93,3 +93,25 @@ def test_micro_batch_rows_cover_every_row_once():
     assert [list(r) for r in micro_batch_rows(5, 2)] == [[0, 1], [2, 3], [4]]
     with pytest.raises(ValueError):
         micro_batch_rows(5, 0)
+
+
+def test_per_token_fields_follow_their_own_rows_and_truncation():
+    logp = [torch.tensor([-0.5, -0.25, -0.125]), torch.tensor([-1.0])]
+    batch = build_opd_batch(
+        responses=[_t(5, 6, 7), _t(8)],
+        response_mask=[_t(1, 1, 1), _t(1)],
+        prompts=[_t(1), _t(1, 2)],
+        rollout_log_probs=logp,
+        advantages=[torch.ones(3), -torch.ones(1)],
+        max_length=3,
+    )
+    # sample 0 keeps 2 of its 3 tokens (prompt 1 + 2 = 3): its log-probs are cut the same way
+    assert [r.tolist() for r in batch.rollout_logp] == [[-0.5, -0.25], [-1.0]]
+    assert [r.tolist() for r in batch.select([1]).advantages] == [[-1.0]]
+    with pytest.raises(ValueError, match="sample 1: response has 1 tokens, rollout_log_probs 2"):
+        build_opd_batch(
+            responses=[_t(5), _t(8)],
+            response_mask=[_t(1), _t(1)],
+            prompts=[_t(1), _t(2)],
+            rollout_log_probs=[torch.zeros(1), torch.zeros(2)],
+        )

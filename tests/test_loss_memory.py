@@ -104,13 +104,21 @@ def test_forward_saves_no_chunk_intermediates():
         loss.backward()
 
 
-def assert_flat(loss_type: str, token_counts, dtype=torch.float32, max_chunks: float = 8) -> None:
-    """Extra peak at every N within 1.5x of the smallest N's and below ``max_chunks`` chunk buffers."""
-    extras = {n: extra_peak_bytes(chunked_step(loss_type), n, dtype) for n in token_counts}
+def assert_flat_extras(extras: dict[int, int], max_chunks: float) -> None:
+    """Extra peak at every N within 1.5x of the smallest N's (or of one chunk buffer, whichever is larger)
+    and below ``max_chunks`` chunk buffers; ``extras`` maps N to bytes."""
     in_chunks = {n: round(e / CHUNK_BYTES, 2) for n, e in extras.items()}  # shown on failure
-    for n in token_counts:
-        assert extras[n] <= 1.5 * extras[token_counts[0]], in_chunks
-        assert extras[n] < max_chunks * CHUNK_BYTES, in_chunks
+    smallest = extras[min(extras)]
+    for extra in extras.values():
+        assert extra <= 1.5 * max(smallest, CHUNK_BYTES), in_chunks
+        assert extra < max_chunks * CHUNK_BYTES, in_chunks
+
+
+def assert_flat(loss_type: str, token_counts, dtype=torch.float32, max_chunks: float = 8) -> None:
+    """The chunked loss's extra peak is flat in N (see :func:`assert_flat_extras`)."""
+    assert_flat_extras(
+        {n: extra_peak_bytes(chunked_step(loss_type), n, dtype) for n in token_counts}, max_chunks
+    )
 
 
 def test_chunked_extra_peak_is_flat_in_tokens():
@@ -173,11 +181,7 @@ def topk_extra_peak_bytes(n: int) -> int:
 
 
 def test_topk_loss_extra_peak_is_flat_in_tokens():
-    extras = {n: topk_extra_peak_bytes(n) for n in TOKEN_COUNTS}
-    in_chunks = {n: round(e / CHUNK_BYTES, 2) for n, e in extras.items()}  # shown on failure
-    for n in TOKEN_COUNTS:
-        assert extras[n] <= 1.5 * extras[TOKEN_COUNTS[0]], in_chunks
-        assert extras[n] < 6 * CHUNK_BYTES, in_chunks
+    assert_flat_extras({n: topk_extra_peak_bytes(n) for n in TOKEN_COUNTS}, max_chunks=6)
 
 
 def test_topk_signal_extra_peak_is_flat_in_tokens():
@@ -230,8 +234,4 @@ def pg_extra_peak_bytes(n: int) -> int:
 
 
 def test_policy_gradient_path_extra_peak_is_flat_in_tokens():
-    extras = {n: pg_extra_peak_bytes(n) for n in TOKEN_COUNTS}
-    in_chunks = {n: round(e / CHUNK_BYTES, 2) for n, e in extras.items()}  # shown on failure
-    for n in TOKEN_COUNTS:
-        assert extras[n] <= 1.5 * max(extras[TOKEN_COUNTS[0]], CHUNK_BYTES), in_chunks
-        assert extras[n] < 4 * CHUNK_BYTES, in_chunks
+    assert_flat_extras({n: pg_extra_peak_bytes(n) for n in TOKEN_COUNTS}, max_chunks=4)

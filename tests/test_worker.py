@@ -158,8 +158,9 @@ def test_rollout_temperature_does_not_change_the_distillation_loss(models):
     student, teacher = models
     lr0 = "actor_rollout_ref.actor.optim.lr=0"
     losses = [
-        tiny_worker(student, teacher, lr0, f"actor_rollout_ref.rollout.temperature={t}")
-        .update_actor(rollout_batch(4, seed=13))["metrics"]["opd/loss"]
+        tiny_worker(student, teacher, lr0, f"actor_rollout_ref.rollout.temperature={t}").update_actor(
+            rollout_batch(4, seed=13)
+        )["metrics"]["opd/loss"]
         for t in (1.0, 0.6)
     ]
     assert losses[0] == pytest.approx(losses[1], rel=1e-6)
@@ -168,3 +169,23 @@ def test_rollout_temperature_does_not_change_the_distillation_loss(models):
     assert hot.update_actor(rollout_batch(4, seed=13))["metrics"]["opd/loss"] != pytest.approx(
         losses[0], rel=1e-3
     )
+
+
+def test_held_out_evaluation_forwards_in_training_micro_batches(models, monkeypatch):
+    import opd.evaluation
+
+    student, teacher = models
+    worker = tiny_worker(student, teacher, "opd.val_max_new_tokens=4")
+    sizes = []
+    real_logits = opd.evaluation.response_logits
+
+    def recording_logits(engine, batch, **kwargs):
+        sizes.append(len(batch))
+        return real_logits(engine, batch, **kwargs)
+
+    monkeypatch.setattr(opd.evaluation, "response_logits", recording_logits)
+    prompts = [p.tolist() for p in rollout_batch(5, seed=30)["prompts"].unbind()]
+    metrics = worker.evaluate_opd(prompts)
+    # 5 student answers and 5 teacher answers, ppo_micro_batch_size_per_gpu=2 from the tiny overrides
+    assert sizes == [2, 2, 1, 2, 2, 1]
+    assert metrics["val-opd/reverse_kl"] > 0 and metrics["val-opd/teacher_answer_nll"] > 0

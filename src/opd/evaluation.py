@@ -44,7 +44,15 @@ def evaluate_held_out(
     started = time.perf_counter()
     student_answers = _generate(student, prompts, config, eos_token_id, pad_token_id, sample=True)
     if teacher_answers is None:
-        teacher_answers = _generate(teacher, prompts, config, eos_token_id, pad_token_id, sample=False)
+        teacher_answers = _generate(
+            teacher,
+            prompts,
+            config,
+            eos_token_id,
+            pad_token_id,
+            sample=False,
+            vocab_limit=_output_rows(student),
+        )
     own = _split(_answer_batch(prompts, student_answers), micro_batch_size)
     teachers = _split(_answer_batch(prompts, teacher_answers), micro_batch_size)
     cache = [s.logits for s in run_teacher_phase(teacher, own + teachers, pad_token_id=pad_token_id).signals]
@@ -61,8 +69,20 @@ def evaluate_held_out(
     return metrics, teacher_answers
 
 
-def _generate(engine, prompts, config, eos_token_id, pad_token_id, *, sample: bool) -> list[torch.Tensor]:
-    """Answers up to and including the first eos; left-padded batched generation with a fixed seed."""
+def _output_rows(engine) -> int:
+    return int(engine.model_config.hf_config.vocab_size)
+
+
+def _generate(
+    engine, prompts, config, eos_token_id, pad_token_id, *, sample: bool, vocab_limit: int | None = None
+) -> list[torch.Tensor]:
+    """Answers up to and including the first eos; left-padded batched generation with a fixed seed.
+
+    ``vocab_limit``: ids at or above it are never generated (a teacher's padded output rows, which the
+    student cannot embed).
+    """
+    rows = _output_rows(engine)
+    suppressed = list(range(vocab_limit, rows)) if vocab_limit is not None and rows > vocab_limit else None
     device = current_device()
     width = max(p.numel() for p in prompts)
     input_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
@@ -85,6 +105,7 @@ def _generate(engine, prompts, config, eos_token_id, pad_token_id, *, sample: bo
             pad_token_id=pad_token_id,
             use_cache=True,
             synced_gpus=dist.is_initialized() and dist.get_world_size() > 1,
+            suppress_tokens=suppressed,
         )
     torch.random.set_rng_state(generator_state)
     return [_cut_after_eos(row[width:].cpu(), eos_token_id) for row in output]

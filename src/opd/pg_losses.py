@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 
 from opd.losses import _check_chunk_and_temperature, _entropy, _log_probs
+from opd.topk_losses import _signal_dtype
 
 SAMPLED_RKL_PG = "sampled_rkl_pg"
 IW_OPD = "iw_opd"
@@ -40,17 +41,13 @@ TOKEN_LEVEL_POLICY_LOSSES = ("vanilla",)
 """verl policy-loss modes that act on each token alone, so responses may be packed into one row."""
 
 
-def _compute_dtype(logits: torch.Tensor) -> torch.dtype:
-    return torch.float64 if logits.dtype == torch.float64 else torch.float32
-
-
 class _ChunkedTokenLogp(torch.autograd.Function):
     """``log softmax(logits / T)[y]`` per row, chunked in forward and backward."""
 
     @staticmethod
     def forward(ctx, logits, token_ids, temperature: float, chunk_size: int, vocab: int):
         """logits [N, V_s], token_ids [N] -> [N] float32 (float64 for float64 logits)."""
-        out = torch.empty(logits.shape[0], dtype=_compute_dtype(logits), device=logits.device)
+        out = torch.empty(logits.shape[0], dtype=_signal_dtype(logits), device=logits.device)
         for start in range(0, logits.shape[0], chunk_size):
             sl = slice(start, start + chunk_size)
             chunk_logp = _log_probs(logits[sl, :vocab], temperature, out.dtype)
@@ -72,7 +69,7 @@ class _ChunkedTokenLogp(torch.autograd.Function):
             if not bool((row_grad != 0).any()):
                 continue
             with torch.no_grad():
-                probs = _log_probs(logits[sl, :vocab], temperature, _compute_dtype(logits)).exp_()
+                probs = _log_probs(logits[sl, :vocab], temperature, _signal_dtype(logits)).exp_()
                 chunk = probs.neg_().scatter_add_(
                     -1, token_ids[sl].unsqueeze(-1), torch.ones_like(probs[:, :1])
                 )
@@ -100,7 +97,7 @@ def sampled_token_stats(
     logits: torch.Tensor, token_ids: torch.Tensor, *, temperature: float, chunk_size: int, vocab: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Detached ``(log p(token_ids[i]), entropy_i)`` at temperature T; [N, V_s], [N] -> two [N] float32."""
-    dtype = _compute_dtype(logits)
+    dtype = _signal_dtype(logits)
     logp = torch.empty(logits.shape[0], dtype=dtype, device=logits.device)
     entropy = torch.empty_like(logp)
     for start in range(0, logits.shape[0], chunk_size):

@@ -120,7 +120,8 @@ class StepMetrics:
     """
 
     def __init__(self):
-        self.sums: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), dtype=torch.float64))
+        # kept on the device until the step ends: no host sync per metric and micro-batch
+        self.sums: dict[str, torch.Tensor | float] = defaultdict(float)
         self.mins: dict[str, float] = defaultdict(lambda: math.inf)
         self.maxs: dict[str, float] = defaultdict(lambda: -math.inf)
 
@@ -137,21 +138,21 @@ class StepMetrics:
             **out.token_metrics,
         }
         for key, values in per_token.items():
-            self.sums[key] += _masked_sum(values, mask).cpu()
+            self.sums[key] = self.sums[key] + _masked_sum(values, mask)
         for key, value in {**out.mean_metrics, **task_metrics}.items():
-            self.sums[key] += float(value) * num_tokens.cpu()
+            self.sums[key] = self.sums[key] + float(value) * num_tokens
         for key, values in out.extreme_metrics.items():
             # every rank registers every key, even without loss tokens, so the reductions match
             in_loss = values[mask.bool()]
             empty = in_loss.numel() == 0
             self.mins[key] = min(self.mins[key], math.inf if empty else float(in_loss.min()))
             self.maxs[key] = max(self.maxs[key], -math.inf if empty else float(in_loss.max()))
-        self.sums["num_tokens"] += num_tokens.cpu()
+        self.sums["num_tokens"] = self.sums["num_tokens"] + num_tokens
 
     def reduce(self, dp_group, device) -> dict[str, float]:
         """All-reduce over ``dp_group`` (same keys on every rank) and return ``opd/*`` metrics."""
         keys = sorted(self.sums)
-        sums = torch.stack([self.sums[k] for k in keys]).to(device)
+        sums = torch.stack([torch.as_tensor(self.sums[k], dtype=torch.float64).to(device) for k in keys])
         dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=dp_group)
         totals = dict(zip(keys, sums.tolist(), strict=True))
         num_tokens = totals.pop("num_tokens")
