@@ -189,3 +189,62 @@ def test_held_out_evaluation_forwards_in_training_micro_batches(models, monkeypa
     # 5 student answers and 5 teacher answers, ppo_micro_batch_size_per_gpu=2 from the tiny overrides
     assert sizes == [2, 2, 1, 2, 2, 1]
     assert metrics["val-opd/reverse_kl"] > 0 and metrics["val-opd/teacher_answer_nll"] > 0
+
+
+def _gradients_at_each_step(worker, data) -> list[dict[str, torch.Tensor]]:
+    """The student's gradients as each optimizer step of ``update_actor(data)`` sees them, before clipping."""
+    engine, seen = worker.student, []
+    real_step = engine.optimizer_step
+
+    def recording_step():
+        seen.append(
+            {
+                name: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
+                for name, p in engine.module.named_parameters()
+                if p.grad is not None
+            }
+        )
+        return real_step()
+
+    engine.optimizer_step = recording_step
+    try:
+        worker.update_actor(data)
+    finally:
+        engine.optimizer_step = real_step
+    return seen
+
+
+def _rows(data, rows):
+    """A new rollout TensorDict with the given rows (jagged fields cannot be sliced on the batch dim)."""
+    from tensordict import TensorDict
+    from verl.utils import tensordict_utils as tu
+
+    rows = list(rows)
+    fields = {}
+    for key in ("prompts", "responses", "response_mask"):
+        parts = data[key].unbind()
+        fields[key] = torch.nested.as_nested_tensor([parts[r] for r in rows], layout=torch.jagged)
+    fields["opd_sample_weight"] = data["opd_sample_weight"][rows]
+    out = TensorDict(fields, batch_size=[len(rows)])
+    tu.assign_non_tensor(out, mini_batch_size=len(rows))
+    return out
+
+
+def test_each_mini_batch_steps_on_its_own_gradient(models):
+    """Two mini-batches in one update: the second step's gradient is the second mini-batch's alone.
+
+    With lr 0 the weights never move, so the second mini-batch taken alone, from the same weights, must
+    give exactly the gradient the second step of the two-step update saw (not mb1 + mb2)."""
+    from verl.utils import tensordict_utils as tu
+
+    student, teacher = models
+    worker = tiny_worker(student, teacher, "actor_rollout_ref.actor.optim.lr=0")
+    both = rollout_batch(8, seed=21)
+    steps = _gradients_at_each_step(worker, both)
+    assert len(steps) == 2
+    second = _rows(both, range(4, 8))
+    alone = _gradients_at_each_step(worker, second)
+    assert len(alone) == 1 and steps[1].keys() == alone[0].keys()
+    for name, grad in alone[0].items():
+        torch.testing.assert_close(steps[1][name], grad, rtol=1e-5, atol=1e-7, msg=name)
+    assert any(not torch.equal(steps[0][k], steps[1][k]) for k in steps[0])

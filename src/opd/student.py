@@ -59,6 +59,9 @@ def train_student_step(
     global_tokens = global_token_count(micro_batches, dp_group, device, ctx.config.tip_keep_fraction)
     scale = dp_size / max(global_tokens, 1)
     meter = StepMetrics()
+    # verl's optimizer_step zeroes gradients only when it skips a step, and train_mode only on exit:
+    # without this, step k would apply the summed gradients of mini-batches 1..k.
+    engine.optimizer_zero_grad()
     for micro_batch, cached in zip(micro_batches, teacher_signals, strict=True):
         _accumulate_micro_batch(engine, micro_batch, cached, ctx, pad_token_id, scale, device, meter)
     grad_norm = engine.optimizer_step()
