@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from tensordict import TensorDict
 
+from common.batch import OPDBatch
 from opd.inprocess import compose_opd_config, make_worker, synthetic_rollout
 
 TINY_OVERRIDES = (
@@ -34,12 +35,21 @@ def padding_only_batch(num_samples: int) -> TensorDict:
     return data
 
 
-def run_rank(rank: int, world_size: int, port: int, student: str, teacher: str, results, *overrides) -> None:
+def run_rank(
+    rank: int, world_size: int, port: int, student: str, teacher: str, results, others: str, *overrides
+) -> None:
     """One rank of a multi-process gloo run: rank 0 holds real rows (with the student's rollout log-probs),
-    the others only padding rows."""
+    the others only padding rows (``others="padding"``) or no rows at all (``others="none"``)."""
     worker = tiny_worker(student, teacher, *overrides, rank=rank, world_size=world_size, port=port)
-    data = with_rollout_log_probs(rollout_batch(4, seed=11), student) if rank == 0 else padding_only_batch(1)
-    results.put((rank, dict(worker.update_actor(data)["metrics"])))
+    if rank == 0:
+        metrics = worker.update_actor(with_rollout_log_probs(rollout_batch(4, seed=11), student))["metrics"]
+    elif others == "padding":
+        metrics = worker.update_actor(padding_only_batch(1))["metrics"]
+    else:
+        no_rows = torch.zeros(0, dtype=torch.long)
+        empty = OPDBatch(input_ids=[], prompt_lengths=no_rows, loss_mask=[], sample_weights=no_rows.float())
+        metrics = worker.update_on_batch(empty, global_mini_batch_size=4, step=1)
+    results.put((rank, dict(metrics)))
 
 
 def full_state(module) -> dict[str, torch.Tensor]:

@@ -2,7 +2,7 @@
 
 import torch
 
-from opd.reward_weights import reward_weights
+from opd.reward_weights import reward_weights, sample_weights
 
 
 def test_weights_have_mean_one_over_valid_rows_and_zero_on_padding():
@@ -55,3 +55,39 @@ def test_pass_rate_weights_all_solved_or_all_failed_is_zero_not_nan():
 
     weights = pass_rate_weights(torch.zeros(4), ["a", "a", "b", "b"], torch.ones(4, dtype=torch.bool))
     assert torch.equal(weights, torch.zeros(4))
+
+
+def test_non_finite_rewards_are_left_out_and_counted_when_weighting_is_on():
+    rewards = torch.tensor([1.0, float("nan"), 0.0, float("inf"), 1.0, 0.0])
+    valid = torch.tensor([True, True, True, True, True, False])
+    weights, metrics = sample_weights(
+        rewards, valid, list("aabbcc"), reward_beta=1.0, pass_rate_weighting=False
+    )
+    assert torch.isfinite(weights).all()
+    assert weights[1] == 0 and weights[3] == 0 and weights[5] == 0
+    assert metrics["opd/non_finite_rewards"] == 2
+    # the three usable rows keep mean 1, as if the broken ones had never been there
+    expected = 3 * torch.softmax(torch.tensor([1.0, 0.0, 1.0], dtype=torch.float64), 0)
+    assert torch.allclose(weights[[0, 2, 4]].double(), expected, atol=1e-6)
+
+
+def test_non_finite_rewards_do_not_matter_when_weighting_is_off():
+    rewards = torch.tensor([float("nan"), 1.0])
+    weights, metrics = sample_weights(
+        rewards, torch.ones(2, dtype=torch.bool), ["a", "a"], reward_beta=None, pass_rate_weighting=False
+    )
+    assert weights.tolist() == [1.0, 1.0] and metrics["opd/non_finite_rewards"] == 1
+
+
+def test_reward_and_pass_rate_weights_combined_keep_mean_one():
+    rewards = torch.tensor([1.0, 0.0, 1.0, 1.0, 1.0, 0.0, 1.0, 0.0])
+    groups = ["a", "a", "b", "b", "b", "b", "c", "c"]
+    valid = torch.ones(8, dtype=torch.bool)
+    weights, _ = sample_weights(rewards, valid, groups, reward_beta=0.5, pass_rate_weighting=True)
+    assert torch.isclose(weights.double().mean(), torch.tensor(1.0, dtype=torch.float64), atol=1e-6)
+    # float64 reference: the product of the two weightings, renormalised to mean 1
+    reward = 8 * torch.softmax(rewards.double() / 0.5, 0)
+    rate = torch.full((8,), 0.5 * 0.5, dtype=torch.float64)
+    rate[2:6] = 0.75 * 0.25
+    product = reward * rate
+    assert torch.allclose(weights.double(), product * 8 / product.sum(), atol=1e-6)

@@ -1,4 +1,4 @@
-"""Two gloo ranks, one holding only padding rows: same collectives on both, no hang, same metrics."""
+"""Two gloo ranks, one holding only padding rows or none: same collectives on both, no hang, same metrics."""
 
 import multiprocessing as mp
 import queue
@@ -14,8 +14,10 @@ TIMEOUT_S = 300
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("loss_type", ["reverse_kl", "iw_opd"])
-def test_rank_with_only_padding_rows_completes(tmp_path, loss_type):
+@pytest.mark.parametrize(
+    ("loss_type", "others"), [("reverse_kl", "padding"), ("iw_opd", "padding"), ("reverse_kl", "none")]
+)
+def test_rank_with_only_padding_rows_or_none_completes(tmp_path, loss_type, others):
     build_tiny_model(tmp_path / "student", num_layers=2, seed=0)
     build_tiny_model(tmp_path / "teacher", num_layers=3, seed=1)
     context = mp.get_context("spawn")
@@ -31,6 +33,7 @@ def test_rank_with_only_padding_rows_completes(tmp_path, loss_type):
                 str(tmp_path / "student"),
                 str(tmp_path / "teacher"),
                 results,
+                others,
                 f"opd.loss_type={loss_type}",
             ),
         )

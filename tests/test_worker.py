@@ -176,18 +176,22 @@ def test_held_out_evaluation_forwards_in_training_micro_batches(models, monkeypa
 
     student, teacher = models
     worker = tiny_worker(student, teacher, "opd.val_max_new_tokens=4")
-    sizes = []
+    sizes, graphs = [], []
     real_logits = opd.evaluation.response_logits
 
     def recording_logits(engine, batch, **kwargs):
         sizes.append(len(batch))
-        return real_logits(engine, batch, **kwargs)
+        logits = real_logits(engine, batch, **kwargs)
+        graphs.append(torch.is_grad_enabled() or logits.requires_grad)
+        return logits
 
     monkeypatch.setattr(opd.evaluation, "response_logits", recording_logits)
     prompts = [p.tolist() for p in rollout_batch(5, seed=30)["prompts"].unbind()]
     metrics = worker.evaluate_opd(prompts)
     # 5 student answers and 5 teacher answers, ppo_micro_batch_size_per_gpu=2 from the tiny overrides
     assert sizes == [2, 2, 1, 2, 2, 1]
+    # metrics only: no forward of the evaluation may keep an autograd graph (activation memory)
+    assert not any(graphs)
     assert metrics["val-opd/reverse_kl"] > 0 and metrics["val-opd/teacher_answer_nll"] > 0
 
 
@@ -235,7 +239,6 @@ def test_each_mini_batch_steps_on_its_own_gradient(models):
 
     With lr 0 the weights never move, so the second mini-batch taken alone, from the same weights, must
     give exactly the gradient the second step of the two-step update saw (not mb1 + mb2)."""
-    from verl.utils import tensordict_utils as tu
 
     student, teacher = models
     worker = tiny_worker(student, teacher, "actor_rollout_ref.actor.optim.lr=0")

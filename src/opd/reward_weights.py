@@ -2,7 +2,53 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
+
+logger = logging.getLogger(__name__)
+
+
+def sample_weights(
+    rewards: torch.Tensor,
+    valid: torch.Tensor,
+    group_ids: list[str],
+    *,
+    reward_beta: float | None,
+    pass_rate_weighting: bool,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Per-sample loss weights of the batch (``opd_sample_weight``) and their metrics.
+
+    Reward weights and PACED pass-rate weights multiply, and the product is normalised to mean 1 again
+    over the rows that carry weight, so combining them never rescales the loss. A reward that is NaN or
+    infinite (a broken scorer) cannot be ranked: when any reward-based weighting is on, such a sample is
+    left out (weight 0), counted in ``opd/non_finite_rewards`` and logged; with weighting off the
+    reward is unused and the sample trains as usual.
+
+    Args:
+        rewards: ``[B]`` sample rewards.
+        valid: ``[B]`` bool, False for padding rows.
+        group_ids: prompt id of every sample, length ``B`` (PACED groups).
+    Returns:
+        ``[B]`` float32 weights and ``{"opd/non_finite_rewards": count}``.
+    """
+    valid = valid.bool()
+    finite = torch.isfinite(rewards)
+    broken = int((valid & ~finite).sum())
+    if broken and (reward_beta is not None or pass_rate_weighting):
+        logger.warning("%d sample(s) have a NaN or infinite reward: left out of this step's loss", broken)
+        valid = valid & finite
+    rewards = torch.where(finite, rewards, 0.0)
+    weights = reward_weights(rewards, valid, reward_beta)
+    if pass_rate_weighting:
+        weights = _mean_one(weights * pass_rate_weights(rewards, group_ids, valid), valid)
+    return weights, {"opd/non_finite_rewards": float(broken)}
+
+
+def _mean_one(weights: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Rescale to mean 1 over the valid rows; all-zero weights stay zero (nothing to train on)."""
+    total = weights.sum()
+    return weights * (int(valid.sum()) / total) if total > 0 else weights
 
 
 def reward_weights(rewards: torch.Tensor, valid: torch.Tensor, reward_beta: float | None) -> torch.Tensor:
@@ -55,7 +101,4 @@ def pass_rate_weights(rewards: torch.Tensor, group_ids: list[str], valid: torch.
         rows = torch.tensor([g == group for g in group_ids]) & valid
         rate = passed[rows].mean()
         weights[rows] = rate * (1.0 - rate)
-    total = weights.sum()
-    if total > 0:
-        weights = weights * int(valid.sum()) / total
-    return weights.to(torch.float32)
+    return _mean_one(weights, valid).to(torch.float32)

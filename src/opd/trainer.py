@@ -22,7 +22,7 @@ from verl.utils.debug import marked_timer
 from common.batch import chat_prompt_ids
 from opd.config import OPDConfig
 from opd.progress import format_progress, format_summary
-from opd.reward_weights import pass_rate_weights, reward_weights
+from opd.reward_weights import sample_weights
 
 
 @register_trainer("opd")
@@ -71,15 +71,20 @@ class OPDTrainer(PPOTrainerSync):
         )
         rewards = torch.stack([row.sum() for row in fields["rm_scores"].unbind()]).float()
         valid = torch.tensor([not tag.get("is_padding", False) for tag in batch.tags])
-        weights = reward_weights(rewards, valid, self.opd_config.reward_beta)
-        if self.opd_config.pass_rate_weighting:
-            weights = weights * pass_rate_weights(rewards, [str(uid) for uid in fields["uid"]], valid)
+        weights, weight_metrics = sample_weights(
+            rewards,
+            valid,
+            [str(uid) for uid in fields["uid"]],
+            reward_beta=self.opd_config.reward_beta,
+            pass_rate_weighting=self.opd_config.pass_rate_weighting,
+        )
         tq.kv_batch_put(
             keys=batch.keys,
             partition_id=batch.partition_id,
             fields=TensorDict({"opd_sample_weight": weights.unsqueeze(-1)}, batch_size=len(batch)),
         )
         return {
+            **weight_metrics,
             "opd/reward_accuracy": float((rewards[valid] > 0).float().mean()),
             "opd/reward_weight_max": float(weights[valid].max()),
         }

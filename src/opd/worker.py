@@ -73,17 +73,23 @@ class OPDActorRolloutWorker(ActorRolloutRefWorker):
 
     @register(dispatch_mode=make_nd_compute_dataproto_dispatch_fn(mesh_name="actor"))
     def update_actor(self, data: TensorDict) -> TensorDict:
-        batch = self._opd_batch(data)
-        steps = self._plan_steps(batch, int(tu.get(data, key="mini_batch_size", default=len(batch))))
-        micro_batches = [mb for step in steps for mb in step]
+        metrics = self.update_on_batch(
+            self._opd_batch(data),
+            global_mini_batch_size=int(tu.get(data, key="mini_batch_size", default=len(data))),
+            step=int(tu.get(data, "global_steps", default=1)),
+        )
+        return tu.get_tensordict(tensor_dict={}, non_tensor_dict={"metrics": metrics}).cpu()
+
+    def update_on_batch(self, batch: OPDBatch, *, global_mini_batch_size: int, step: int) -> dict[str, float]:
+        """Both phases on this rank's rows (possibly none: the rank then runs matching no-op work)."""
+        steps = self._plan_steps(batch, global_mini_batch_size)
+        micro_batches = [mb for step_mbs in steps for mb in step_mbs]
         with phase_meter() as teacher_phase:
             cache = run_teacher_phase(
                 self.teacher, micro_batches, pad_token_id=self.pad_token_id, spec=self.signal_spec
             )
         with phase_meter() as student_phase:
-            metrics = self._student_phase(
-                steps, iter(cache.signals), int(tu.get(data, "global_steps", default=1))
-            )
+            metrics = self._student_phase(steps, iter(cache.signals), step)
         metrics.update(
             {
                 "opd/num_samples": float(_all_reduce(len(batch), dist.ReduceOp.SUM)),
@@ -95,7 +101,7 @@ class OPDActorRolloutWorker(ActorRolloutRefWorker):
                 "opd/memory/student_peak_gb": student_phase["peak_gb"],
             }
         )
-        return tu.get_tensordict(tensor_dict={}, non_tensor_dict={"metrics": metrics}).cpu()
+        return metrics
 
     def _student_phase(self, steps: list[list[OPDBatch]], cached_signals, step: int) -> dict[str, float]:
         """One optimizer step per mini-batch inside verl's train-mode context (onload, step, offload)."""
@@ -145,7 +151,8 @@ class OPDActorRolloutWorker(ActorRolloutRefWorker):
         for mini_rows in micro_batch_rows(len(batch), local_mini):
             mini = batch.select(mini_rows)
             steps.append([mini.select(rows) for rows in micro_batch_rows(len(mini), self.micro_batch_size)])
-        return _pad_to_common_shape(steps, self.student.get_data_parallel_group())
+        filler = batch.zero_weight_copy() if len(batch) else _no_op_batch(self.pad_token_id)
+        return _pad_to_common_shape(steps, filler, self.student.get_data_parallel_group())
 
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
     def evaluate_opd(self, prompts: list[list[int]]) -> dict[str, float]:
@@ -176,9 +183,21 @@ def _per_sample(field: torch.Tensor) -> torch.Tensor:
     return torch.stack([row.reshape(-1)[0] for row in rows]).float()
 
 
-def _pad_to_common_shape(steps: list[list[OPDBatch]], group) -> list[list[OPDBatch]]:
-    """Append zero-weight micro-batches so every rank runs the same forwards, backwards and steps."""
-    filler = steps[0][0].zero_weight_copy()
+def _no_op_batch(pad_token_id: int) -> OPDBatch:
+    """One padding row, nothing in the loss: the filler of a rank that was dealt no rows at all."""
+    zero = torch.zeros(1)
+    return OPDBatch(
+        input_ids=[torch.full((2,), pad_token_id, dtype=torch.long)],
+        prompt_lengths=torch.ones(1, dtype=torch.long),
+        loss_mask=[zero],
+        sample_weights=zero.clone(),
+        rollout_logp=[zero.clone()],
+        advantages=[zero.clone()],
+    )
+
+
+def _pad_to_common_shape(steps: list[list[OPDBatch]], filler: OPDBatch, group) -> list[list[OPDBatch]]:
+    """Append ``filler`` micro-batches so every rank runs the same forwards, backwards and steps."""
     num_steps = _all_reduce(len(steps), dist.ReduceOp.MAX, group)
     padded = [list(s) for s in steps] + [[] for _ in range(num_steps - len(steps))]
     for micro_batches in padded:
