@@ -22,6 +22,7 @@ from data.arithmetic import DATA_SOURCE as ARITHMETIC_DATA_SOURCE
 from data.instructions import INSTRUCTION_VARIANTS, data_source_name
 from rewards.arithmetic_reward import compute_arithmetic_score
 from rewards.dapo_reward import compute_dapo_score
+from rewards.final_answer import final_answer_text
 from rewards.free_form_reward import compute_free_form_score
 from rewards.gsm8k_reward import compute_gsm8k_score
 from rewards.math_reward import compute_math_score
@@ -143,7 +144,9 @@ def compute_score(
 ) -> float:
     """Score one response: 1.0 if its final answer is correct, 0.0 otherwise.
 
-    ``extra_info`` and any further keyword arguments verl passes (reward-model router address,
-    tokenizer, ...) are accepted and ignored: these rewards are pure rules.
+    Only the model's final answer is graded (``rewards.final_answer``): never a number that a tool
+    returned or that the model passed to a tool. ``extra_info`` and any further keyword arguments verl
+    passes (reward-model router address, tokenizer, ...) are accepted and ignored: these rewards are
+    pure rules.
     """
-    return float(get_scorer(data_source)(solution_str, ground_truth))
+    return float(get_scorer(data_source)(final_answer_text(solution_str), ground_truth))
