@@ -20,6 +20,7 @@ from typing import Any
 
 from data.arithmetic import DATA_SOURCE as ARITHMETIC_DATA_SOURCE
 from data.instructions import INSTRUCTION_VARIANTS, data_source_name
+from data.tool_tasks import DATA_SOURCE as TOOL_TASKS_DATA_SOURCE
 from rewards.arithmetic_reward import compute_arithmetic_score
 from rewards.dapo_reward import compute_dapo_score
 from rewards.final_answer import final_answer_text
@@ -78,6 +79,7 @@ MATH_DATA_SOURCES = tuple(data_source_name(benchmark, "boxed") for benchmark in 
 
 _SCORERS: dict[str, RewardFunction] = {
     ARITHMETIC_DATA_SOURCE: REWARD_FUNCTIONS["arithmetic_reward"],
+    TOOL_TASKS_DATA_SOURCE: REWARD_FUNCTIONS["arithmetic_reward"],
     **{
         data_source_name(benchmark, variant): REWARD_FUNCTIONS[reward]
         for benchmark in MATH_BENCHMARKS
