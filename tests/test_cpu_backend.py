@@ -18,9 +18,7 @@ from subprocess_runs import run_in_own_group, step_metrics
 
 from common.cpu_backend import (
     PLUGIN_MODULE,
-    REQUIRED_VERL_SYMBOLS,
     ROLLOUT_NAME,
-    check_verl_symbols,
     cpu_hydra_overrides,
     cpu_run_env,
     gpu_available,
@@ -52,19 +50,7 @@ def tiny_model(tiny_model_dir):
     return _load(tiny_model_dir)
 
 
-# ---------------------------------------------------------------------------- verl contract
-
-
-def test_required_verl_symbols_present():
-    check_verl_symbols()
-
-
-def test_missing_verl_symbol_is_named():
-    with pytest.raises(ImportError, match="verl.workers.rollout.base:_NO_SUCH_REGISTRY"):
-        check_verl_symbols(("verl.workers.rollout.base:_NO_SUCH_REGISTRY",))
-    with pytest.raises(ImportError, match="verl.no_such_module:thing"):
-        check_verl_symbols(("verl.no_such_module:thing",))
-    assert all(":" in symbol for symbol in REQUIRED_VERL_SYMBOLS)
+# ---------------------------------------------------------------------------- run settings
 
 
 def test_run_env_and_overrides():
@@ -283,6 +269,32 @@ def test_server_batches_concurrent_requests(server, tiny_model, monkeypatch):
         alone = generate_batch(tiny_model, [prompt], spec, 12, eos_token_ids=[EOS], pad_token_id=PAD)[0]
         assert out.token_ids == alone.token_ids and len(out.log_probs) == len(out.token_ids)
         assert out.stop_reason == "completed"
+
+
+def test_server_stops_at_stop_token_ids_and_keeps_them(server, monkeypatch):
+    """vLLM's stop_token_ids: the response ends at the first one, which is kept; a request of the
+    same moment without it runs in its own batch and is not cut."""
+    greedy = {"temperature": 0, "logprobs": True}
+    free = asyncio.run(server.generate(PROMPTS[0], dict(greedy), "free"))
+    stop_token = free.token_ids[3]
+    first = free.token_ids.index(stop_token)
+    assert stop_token != EOS and first < len(free.token_ids) - 1
+    sizes = []
+    run_batch = server._run_batch
+    monkeypatch.setattr(server, "_run_batch", lambda batch: sizes.append(len(batch)) or run_batch(batch))
+
+    async def together():
+        stopped = server.generate(PROMPTS[0], {**greedy, "stop_token_ids": [stop_token]}, "stopped")
+        unstopped = server.generate(PROMPTS[0], {**greedy, "stop_token_ids": None}, "unstopped")
+        return await asyncio.gather(stopped, unstopped)
+
+    stopped, unstopped = asyncio.run(together())
+    assert stopped.token_ids == free.token_ids[: first + 1]
+    assert stopped.log_probs == pytest.approx(free.log_probs[: first + 1], abs=1e-5)
+    assert unstopped.token_ids == free.token_ids
+    assert sizes == [1, 1]
+    assert SamplingSpec.from_params({"stop_token_ids": [5, 7]}).stop_token_ids == {5, 7}
+    assert SamplingSpec.from_params({}) == SamplingSpec.from_params({"stop_token_ids": None})
 
 
 def test_server_token_budget(server):

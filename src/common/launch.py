@@ -10,8 +10,9 @@ ways in, one set of rules:
       python -m common.launch [--dry-run] [--module M] [--gpu-default KEY=VALUE] -- \\
           python -m verl.trainer.main_ppo key=value ...
 
-  adds the backend overrides the command does not set itself, exports the environment and execs the
-  command (``--dry-run``: prints it instead, one argument per line after the first).
+  adds the backend overrides the command does not set itself, checks the installed verl against
+  ``common.verl_surface``, exports the environment and execs the command (``--dry-run``: prints it
+  instead, one argument per line after the first, and checks nothing).
 
 An override the user gave always wins over a backend default for the same key.
 """
@@ -25,6 +26,7 @@ import sys
 from collections.abc import Iterable, Sequence
 
 from common import cpu_backend
+from common.verl_surface import VerlSurfaceError, check_verl_surface
 
 # Set in the driver and every Ray actor on the CPU backend.
 CPU_ENV_KEYS = ("VERL_PLATFORM", "PYTHONPATH", "TOKENIZERS_PARALLELISM")
@@ -110,6 +112,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(f"export {key}={shlex.quote(value)}")
         print(" \\\n  ".join(shlex.quote(arg) for arg in final))
         return
+    # before exec, so a verl other than the pinned one stops here with the missing names
+    try:
+        check_verl_surface()
+    except VerlSurfaceError as error:
+        raise SystemExit(f"[launch] {error}") from None
     print(f"[launch] backend {backend}: {shlex.join(final[:3])} ...", flush=True)
     os.environ.update(env)
     os.execvp(final[0], final)

@@ -3,6 +3,7 @@
 Registered as ``trainer.v1.trainer_mode=opd``. Per step: sample rollouts (verl's agent loop, ``rollout.n``
 samples per prompt), rule-based reward, balance across ranks, reward weights over the whole batch, then
 the worker's two-phase update. No old/ref log-prob passes and no critic: pure OPD needs none.
+The private trainer methods it overrides or calls are listed in ``common.verl_surface``.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ class OPDTrainer(PPOTrainerSync):
         self.output_dir = os.path.expanduser(config.trainer.default_local_dir)
         self._history: list[dict] = []
         self._training_started = False
+        self._held_out: list[list[int]] | None = None
 
     def _init_resource_pool_mgr(self):
         from opd.worker import OPDActorRolloutWorker
@@ -113,7 +115,7 @@ class OPDTrainer(PPOTrainerSync):
 
     def _held_out_prompts(self) -> list[list[int]]:
         """Token ids of the first ``opd.val_num_prompts`` validation prompts, templated as in rollout."""
-        if not hasattr(self, "_held_out"):
+        if self._held_out is None:
             dataset = self.val_dataloader.dataset
             count = min(self.opd_config.val_num_prompts, len(dataset))
             template_kwargs = dict(self.config.data.get("apply_chat_template_kwargs", {}) or {})

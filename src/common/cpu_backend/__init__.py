@@ -14,58 +14,20 @@ Activation: verl imports every module listed in ``VERL_USE_EXTERNAL_MODULES`` at
 the overrides of :func:`cpu_hydra_overrides`. The platform is chosen by ``VERL_PLATFORM=cpu`` or,
 once registered, automatically when no accelerator is visible.
 
+The private verl names the backend reads or replaces are listed, with every other such name of the
+project, in ``common.verl_surface``, which the launchers check before anything starts.
+
 This module itself imports neither torch nor verl, so reading the settings is cheap.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
 from pathlib import Path
 
 ROLLOUT_NAME = "hf"
 PLUGIN_MODULE = "common.cpu_backend.plugin"
 ADAPTER_FQN = "common.cpu_backend.hf_rollout.HFServerAdapter"
-
-# Private or internal verl names this backend relies on ("module:attribute[.attribute]").
-# verl is pinned exactly; check_verl_symbols() turns an upgrade that moves one into a clear error.
-REQUIRED_VERL_SYMBOLS = (
-    "verl.plugin.platform:PlatformBase",
-    "verl.plugin.platform:PlatformRegistry",
-    "verl.plugin.platform:get_platform",
-    "verl.utils.device:get_device_name",
-    "verl.utils.distributed:initialize_global_process_group_ray",
-    "verl.workers.engine_workers:initialize_global_process_group_ray",
-    "verl.workers.engine.base:EngineRegistry._engines",
-    "verl.workers.engine.base:EngineRegistry.register",
-    "verl.workers.engine.fsdp.transformer_impl:CPUOffloadPolicy",
-    "verl.workers.engine.fsdp.transformer_impl:FSDPEngineWithLMHead",
-    "verl.workers.engine.fsdp.transformer_impl:FSDPEngineWithValueHead",
-    "verl.workers.rollout.base:BaseRollout",
-    "verl.workers.rollout.base:_ROLLOUT_REGISTRY",
-    "verl.workers.rollout.replica:RolloutReplica",
-    "verl.workers.rollout.replica:RolloutReplicaRegistry.register",
-    "verl.workers.rollout.replica:TokenOutput",
-    "verl.workers.config:HFModelConfig",
-    "verl.utils.config:omega_conf_to_dataclass",
-    "verl.utils.torch_dtypes:PrecisionType",
-)
-
-
-def check_verl_symbols(symbols=REQUIRED_VERL_SYMBOLS) -> None:
-    """Import every ``module:attr`` in ``symbols``; raise ``ImportError`` naming the first missing one."""
-    for symbol in symbols:
-        module_name, _, attr_path = symbol.partition(":")
-        try:
-            obj = importlib.import_module(module_name)
-        except ImportError as exc:
-            raise ImportError(
-                f"verl symbol {symbol!r} is missing: cannot import {module_name} ({exc})"
-            ) from exc
-        for attr in attr_path.split("."):
-            if not hasattr(obj, attr):
-                raise ImportError(f"verl symbol {symbol!r} is missing: no attribute {attr!r}")
-            obj = getattr(obj, attr)
 
 
 def gpu_available() -> bool:

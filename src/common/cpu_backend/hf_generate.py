@@ -6,6 +6,8 @@ Pure torch + transformers (no Ray, no verl), so it is unit-testable in-process:
   for (``generate`` would otherwise add its default ``top_k=50``, or a model's own sampling
   defaults from ``generation_config.json``);
 * greedy when the temperature is 0 or ``do_sample`` is false;
+* stops a response at its first eos or ``stop_token_ids`` token and keeps that token, as vLLM
+  returns a stop token id in the response tokens;
 * returns the log-probability of every sampled token under ``log_softmax(logits / T)`` over the
   full vocabulary - the same quantity verl's actor computes at the rollout temperature (T = 1 for
   greedy);
@@ -28,7 +30,8 @@ class SamplingSpec:
     """Decoding rule for one request; requests with equal specs can share a batch.
 
     ``top_k == 0`` and ``top_p == 1.0`` mean "off". ``temperature`` is the temperature used for
-    the returned log-probs (1.0 when greedy).
+    the returned log-probs (1.0 when greedy). ``stop_token_ids`` end a response like the model's
+    eos tokens do.
     """
 
     greedy: bool = False
@@ -36,6 +39,7 @@ class SamplingSpec:
     top_k: int = 0
     top_p: float = 1.0
     repetition_penalty: float = 1.0
+    stop_token_ids: frozenset[int] = frozenset()
 
     @classmethod
     def from_params(cls, params: Mapping, *, force_greedy: bool = False) -> SamplingSpec:
@@ -52,6 +56,7 @@ class SamplingSpec:
             top_k=0 if greedy or top_k is None or int(top_k) <= 0 else int(top_k),
             top_p=1.0 if greedy or top_p is None or float(top_p) >= 1.0 else float(top_p),
             repetition_penalty=1.0 if penalty is None else float(penalty),
+            stop_token_ids=frozenset(int(t) for t in params.get("stop_token_ids") or ()),
         )
 
     def generate_kwargs(self) -> dict:
@@ -68,7 +73,8 @@ class SamplingSpec:
 
 @dataclass
 class Generation:
-    """One response: token ids (eos included when hit), their log-probs, and whether eos was hit."""
+    """One response: token ids (ending with the eos or stop token when one was hit), their log-probs,
+    and whether one was hit."""
 
     token_ids: list[int]
     log_probs: list[float]
@@ -119,7 +125,8 @@ def generate_batch(
         spec: decoding rule shared by the whole batch.
         max_new_tokens: one limit for all prompts or one per prompt; the batch runs to the largest
             and each row is cut at its own limit, which is equivalent to stopping it there.
-        eos_token_ids: ids that end a response (kept as the last response token).
+        eos_token_ids: ids that end a response (kept as the last response token), together with
+            ``spec.stop_token_ids``.
         pad_token_id: id used for left padding and for rows that finished early.
 
     Returns:
@@ -131,7 +138,7 @@ def generate_batch(
     limits = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
     if len(limits) != len(prompts) or min(limits) < 1:
         raise ValueError(f"need one max_new_tokens >= 1 per prompt, got {limits}")
-    eos = {int(t) for t in eos_token_ids}
+    eos = {int(t) for t in eos_token_ids} | spec.stop_token_ids
     device = next(model.parameters()).device
     input_ids, attention_mask = (t.to(device) for t in left_pad(prompts, pad_token_id))
     out = model.generate(

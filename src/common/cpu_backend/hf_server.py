@@ -125,7 +125,11 @@ class HFRolloutServer:
         video_data=None,
         **kwargs,
     ):
-        """Generate one response; returns verl's ``TokenOutput`` (log-probs when ``logprobs`` is set)."""
+        """Generate one response; returns verl's ``TokenOutput`` (log-probs when ``logprobs`` is set).
+
+        The response ends at the model's eos or at any of ``sampling_params["stop_token_ids"]``, that
+        token included (vLLM's rule); requests with different stop tokens run in separate batches.
+        """
         from verl.workers.rollout.replica import TokenOutput
 
         if image_data is not None or video_data is not None:

@@ -7,7 +7,8 @@
    model); pinning needs an accelerator, so the engine gets a policy that never pins.
 
 Each patch runs when its verl module is first imported (see ``_import_hooks``), so processes that
-never build an engine pay nothing.
+never build an engine pay nothing. Every verl attribute these patches read or replace is listed in
+``common.verl_surface``, which the launchers resolve before anything starts.
 """
 
 from __future__ import annotations

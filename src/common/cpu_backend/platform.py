@@ -132,17 +132,11 @@ class CPUDeviceModule(ModuleType):
 CPU_DEVICE_MODULE = CPUDeviceModule()
 
 
-def _platform_base():
-    from verl.plugin.platform import PlatformBase
-
-    return PlatformBase
-
-
 def _build_platform_class():
     """Define the platform class lazily so importing this module does not import verl."""
-    base = _platform_base()
+    from verl.plugin.platform import PlatformBase
 
-    class PlatformCPU(base):
+    class PlatformCPU(PlatformBase):
         """verl platform for hosts without an accelerator: device ``cpu``, collectives ``gloo``."""
 
         @property
