@@ -2,7 +2,7 @@
 
 Memory is tracked on CPU with ``benchmarks/memtrack.StorageTracker`` (a dispatch mode counting live tensor
 storages), which is deterministic, unlike process RSS. "Extra" memory is the peak during forward + backward
-minus what any implementation must hold: the student-logits gradient [N, V] and the four [N] stats vectors.
+minus what any implementation must hold: the student-logits gradient [N, V] and the five [N] stats vectors.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._pytree import tree_flatten
 
 # The tracker and the naive baseline live with the benchmark script (conftest.py puts src/ on the path).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -19,8 +20,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from bench_loss_memory import naive_distill_loss  # noqa: E402
 from memtrack import StorageTracker, measure_peak_bytes  # noqa: E402
 
+from opd.config import OPDConfig  # noqa: E402
 from opd.losses import LOSS_REGISTRY, chunked_distill_loss, register_loss  # noqa: E402
+from opd.objectives import MicroBatchTokens, ObjectiveContext, distillation_objective  # noqa: E402
 from opd.pg_losses import chunked_token_logp, sampled_token_stats  # noqa: E402
+from opd.teacher import CachedSignal  # noqa: E402
 from opd.topk_losses import chunked_topk_forward_kl, teacher_sampled_logp, teacher_topk_signal  # noqa: E402
 
 VOCAB = 4096
@@ -71,10 +75,10 @@ def naive_step(student, teacher, ids, weights):
 
 
 def extra_peak_bytes(step, n: int, dtype=torch.float32) -> int:
-    """Peak bytes allocated by ``step`` beyond the student grad [n, V] and the stats vectors [4, n]."""
+    """Peak bytes allocated by ``step`` beyond the student grad [n, V] and the stats vectors [5, n]."""
     student, teacher, ids, weights = make_inputs(n, dtype)
     peak = measure_peak_bytes(lambda: step(student, teacher, ids, weights))
-    unavoidable = student.numel() * student.element_size() + 4 * n * 4
+    unavoidable = student.numel() * student.element_size() + 5 * n * 4
     return peak - unavoidable
 
 
@@ -98,8 +102,8 @@ def test_forward_saves_no_chunk_intermediates():
     student, teacher, ids, weights = make_inputs(n)
     with StorageTracker() as tracker:
         loss, _stats = chunked_distill_loss(student, teacher, ids, weights, chunk_size=CHUNK)
-        # Between forward and backward only the loss scalar and the [N] stats may be alive.
-        assert tracker.current <= 4 * n * 4 + 64
+        # Between forward and backward only the loss scalar and the five [N] stats may be alive.
+        assert tracker.current <= 5 * n * 4 + 64
         assert tracker.peak < 8 * CHUNK_BYTES
         loss.backward()
 
@@ -164,7 +168,7 @@ def test_skew_losses_are_flat(loss_type):
 
 
 def topk_extra_peak_bytes(n: int) -> int:
-    """Peak bytes of top-k loss forward + backward beyond the student grad [n, V] and the 5 stats [n]."""
+    """Peak bytes of top-k loss forward + backward beyond the student grad [n, V] and the 6 stats [n]."""
     student, teacher, ids, weights = make_inputs(n)
     signal = teacher_topk_signal(teacher, TOPK, temperature=0.9, chunk_size=CHUNK)
     del teacher  # the point of the signal: the full teacher logits are not needed by the loss
@@ -177,7 +181,7 @@ def topk_extra_peak_bytes(n: int) -> int:
         return loss, stats
 
     peak = measure_peak_bytes(step)
-    return peak - (student.numel() * student.element_size() + 5 * n * 4)
+    return peak - (student.numel() * student.element_size() + 6 * n * 4)
 
 
 def test_topk_loss_extra_peak_is_flat_in_tokens():
@@ -201,8 +205,8 @@ def test_topk_forward_saves_no_chunk_intermediates():
     signal = teacher_topk_signal(teacher, TOPK, chunk_size=CHUNK)
     with StorageTracker() as tracker:
         loss, _stats = chunked_topk_forward_kl(student, signal, ids, weights, chunk_size=CHUNK)
-        # Between forward and backward only the loss scalar and the five [N] stats may be alive.
-        assert tracker.current <= 5 * n * 4 + 64
+        # Between forward and backward only the loss scalar and the six [N] stats may be alive.
+        assert tracker.current <= 6 * n * 4 + 64
         assert tracker.peak < 6 * CHUNK_BYTES
         loss.backward()
 
@@ -235,3 +239,55 @@ def pg_extra_peak_bytes(n: int) -> int:
 
 def test_policy_gradient_path_extra_peak_is_flat_in_tokens():
     assert_flat_extras({n: pg_extra_peak_bytes(n) for n in TOKEN_COUNTS}, max_chunks=4)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Host-resident teacher rows
+# ------------------------------------------------------------------------------------------------------------
+
+
+def row_reading(tensor: torch.Tensor, reads: list[int]) -> torch.Tensor:
+    """``tensor`` as a subclass that appends to ``reads`` the row count of every op that reads it.
+
+    Slicing is a view and reads nothing, so it is not logged and keeps the subclass. Everything else is
+    logged, including a ``.to(device)`` that is a no-op on a CPU-only host: that is how a whole-tensor copy to
+    the device shows here, where host and device are the same memory.
+    """
+
+    class RowReads(torch.Tensor):
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            with torch._C.DisableTorchFunctionSubclass():
+                out = func(*args, **(kwargs or {}))
+                rows = [t.shape[0] for t in tree_flatten((args, kwargs))[0] if isinstance(t, RowReads)]
+            if func is torch.Tensor.__getitem__:
+                return out.as_subclass(cls)
+            if isinstance(out, torch.Tensor):  # shape, device and dtype queries return no tensor
+                reads.append(max(rows))
+            return out
+
+    return tensor.as_subclass(RowReads)
+
+
+def test_full_signal_copies_one_chunk_of_teacher_rows_at_a_time():
+    """The cached bf16 teacher rows stay on the host; forward and backward each take one chunk at a time."""
+    n, chunk = 256, 32
+    student, teacher, ids, weights = make_inputs(n)
+    reads: list[int] = []
+    cached = CachedSignal(logits=row_reading(teacher.bfloat16(), reads))
+    tokens = MicroBatchTokens(
+        logits=student,
+        token_ids=ids,
+        mask=(weights != 0).float(),
+        lengths=[n],
+        rollout_logp=None,
+        chunk_size=chunk,
+        rollout_temperature=1.0,
+    )
+    config = OPDConfig(teacher_model_path="unused", chunk_size=chunk, temperature=0.9)
+    out = distillation_objective(tokens, cached, weights, ObjectiveContext(config, 1, 1.0))
+    forward_reads = len(reads)
+    out.loss.backward()
+    assert forward_reads >= n // chunk and max(reads) <= chunk, reads
+    # backward reads its chunks again rather than keeping a copy of the rows from forward
+    assert len(reads) - forward_reads >= (n - n // 8) // chunk, reads

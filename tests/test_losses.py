@@ -8,6 +8,7 @@ import torch
 from opd.losses import (
     LOGIT_GRAD_REGISTRY,
     LOSS_REGISTRY,
+    TEACHER_LOGP_FLOOR,
     TokenStats,
     chunked_distill_loss,
     get_loss,
@@ -41,11 +42,15 @@ def _ref_divergence(s_logp, t_logp, loss_type, beta):
 
 
 def reference(student, teacher, ids, weights, loss_type, temperature=1.0, beta=BETA):
-    """Float64 loss, grad wrt student (in float64) and stats; only unmasked rows enter the graph."""
+    """Float64 loss, grad wrt student (in float64) and stats; only unmasked rows enter the graph.
+
+    The teacher's log-probs are raised to the floor, the one departure from the textbook formulas.
+    """
     vocab = min(student.shape[1], teacher.shape[1])
     s = student.detach().double().requires_grad_(True)
     s_logp = torch.log_softmax(s[:, :vocab] / temperature, dim=-1)
-    t_logp = torch.log_softmax(teacher[:, :vocab].double() / temperature, dim=-1)
+    raw_t_logp = torch.log_softmax(teacher[:, :vocab].double() / temperature, dim=-1)
+    t_logp = raw_t_logp.clamp(min=TEACHER_LOGP_FLOOR)
     keep = weights != 0
     div_kept = _ref_divergence(s_logp[keep], t_logp[keep], loss_type, beta)
     loss = (weights.double()[keep] * div_kept).sum()
@@ -56,6 +61,7 @@ def reference(student, teacher, ids, weights, loss_type, temperature=1.0, beta=B
             student_logp=s_logp.gather(-1, ids[:, None]).squeeze(-1),
             teacher_logp=t_logp.gather(-1, ids[:, None]).squeeze(-1),
             student_entropy=-(s_logp.exp() * s_logp).sum(-1),
+            teacher_floored=(raw_t_logp < TEACHER_LOGP_FLOOR).any(-1).double(),
         )
     return loss.detach(), s.grad, stats
 
@@ -91,7 +97,7 @@ def assert_matches(student, teacher, ids, weights, loss_type, rtol=1e-4, atol=1e
     torch.testing.assert_close(loss.double(), ref_loss, rtol=rtol, atol=atol)
     torch.testing.assert_close(grad.double(), ref_grad, rtol=rtol, atol=atol)
     keep = weights != 0
-    for field in ("divergence", "student_logp", "teacher_logp", "student_entropy"):
+    for field in ("divergence", "student_logp", "teacher_logp", "student_entropy", "teacher_floored"):
         got, want = getattr(stats, field), getattr(ref_stats, field)
         assert got.dtype == torch.float32 and not got.requires_grad
         torch.testing.assert_close(got.double()[keep], want[keep], rtol=rtol, atol=atol * 100)
@@ -182,7 +188,7 @@ def test_identical_distributions_give_zero(loss_type, temperature):
     assert loss.abs() < 1e-6
 
 
-@pytest.mark.parametrize("loss_type", ["forward_kl", "jsd"])
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
 def test_teacher_neg_inf_entries_are_finite(loss_type):
     student, teacher, ids, weights = make_inputs(16, 40, seed=8)
     teacher[:, 20:] = float("-inf")  # e.g. a top-k filtered teacher: zero mass on half the vocab
@@ -191,17 +197,23 @@ def test_teacher_neg_inf_entries_are_finite(loss_type):
     ids[3] = 19
     loss, grad, stats = run(student, teacher, ids, weights, loss_type, chunk_size=5)
     assert torch.isfinite(loss) and torch.isfinite(grad).all()
-    assert torch.isfinite(stats.divergence).all()
+    assert torch.isfinite(stats.divergence).all() and torch.isfinite(stats.teacher_logp).all()
+    assert torch.all(stats.teacher_floored == 1)
     assert_matches(student, teacher, ids, weights, loss_type, chunk_size=5)
 
 
-def test_reverse_kl_zero_teacher_mass_is_inf_not_nan():
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_reverse_kl_zero_teacher_mass_is_floored(temperature):
+    """Where the teacher gives an id zero mass, log q is raised to the floor: finite, with a large cost."""
     student, teacher, ids, weights = make_inputs(4, 10, seed=9)
     teacher[1, 5] = float("-inf")
-    ids[1] = 0
-    loss, stats = chunked_distill_loss(student, teacher, ids, weights, loss_type="reverse_kl")
-    assert stats.divergence[1] == float("inf") and loss == float("inf")
-    assert torch.isfinite(stats.divergence[[0, 2, 3]]).all()
+    teacher[2, 7] = -500.0  # finite, but below the floor after the log-softmax
+    ids[1] = 5
+    loss, grad, stats = run(student, teacher, ids, weights, "reverse_kl", temperature=temperature)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    assert stats.teacher_logp[1] == TEACHER_LOGP_FLOOR
+    assert stats.teacher_floored.tolist() == [0.0, 1.0, 1.0, 0.0]
+    assert_matches(student, teacher, ids, weights, "reverse_kl", temperature=temperature)
 
 
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
@@ -277,8 +289,7 @@ def test_autograd_fallback_matches_reference(loss_type):
     teacher[3, :7] = float("-inf")  # masked row with a possibly infinite divergence
     teacher[[0, 1], 30:] = float("-inf")
     kw = {"chunk_size": 4, "temperature": 0.7}
-    if loss_type != "reverse_kl":  # reverse_kl is legitimately infinite with -inf on weighted rows
-        assert_matches(student, teacher, ids, weights, f"autograd_{loss_type}", ref_type=loss_type, **kw)
+    assert_matches(student, teacher, ids, weights, f"autograd_{loss_type}", ref_type=loss_type, **kw)
     teacher[[0, 1], 30:] = 0.0
     assert_matches(student, teacher, ids, weights, f"autograd_{loss_type}", ref_type=loss_type, **kw)
     _, grad, _ = run(student, teacher, ids, weights, f"autograd_{loss_type}", **kw)

@@ -10,6 +10,7 @@ from opd.losses import (
     LOGIT_GRAD_REGISTRY,
     LOSS_REGISTRY,
     PARAM_CHECK_REGISTRY,
+    TEACHER_LOGP_FLOOR,
     chunked_distill_loss,
     register_loss,
 )
@@ -26,11 +27,14 @@ def _ref_skew(s_logp, t_logp, loss_type, alpha):
 
 
 def reference(student, teacher, weights, loss_type, alpha, temperature=1.0):
-    """Float64 loss, grad wrt student and per-token divergence; only unmasked rows enter the graph."""
+    """Float64 loss, grad wrt student and per-token divergence; only unmasked rows enter the graph.
+
+    The teacher's log-probs are raised to the floor, as every objective does.
+    """
     vocab = min(student.shape[1], teacher.shape[1])
     s = student.detach().double().requires_grad_(True)
     s_logp = torch.log_softmax(s[:, :vocab] / temperature, -1)
-    t_logp = torch.log_softmax(teacher[:, :vocab].double() / temperature, -1)
+    t_logp = torch.log_softmax(teacher[:, :vocab].double() / temperature, -1).clamp(min=TEACHER_LOGP_FLOOR)
     keep = weights != 0
     loss = (weights.double()[keep] * _ref_skew(s_logp[keep], t_logp[keep], loss_type, alpha)).sum()
     loss.backward()
@@ -118,18 +122,20 @@ def test_identical_distributions_give_zero(loss_type, temperature):
 
 
 @pytest.mark.parametrize("loss_type", SKEW_TYPES)
-def test_teacher_zero_mass_stays_finite(loss_type):
-    # For alpha > 0 both skews are finite where q = 0 (the reverse one is bounded by -log alpha there).
+@pytest.mark.parametrize("alpha", [0.2, 0.0])
+def test_teacher_zero_mass_stays_finite(loss_type, alpha):
+    # For alpha > 0 both skews are finite where q = 0 (the reverse one is bounded by -log alpha there); at
+    # alpha = 0 skew_reverse_kl is reverse KL, finite only through the teacher floor.
     student, teacher, ids, weights = make_inputs(16, 40, seed=24)
     teacher[:, 20:] = float("-inf")
     teacher[3, :19] = float("-inf")  # one-hot teacher row
     weights[5] = 0.0
     teacher[5] = float("nan")  # garbage under the mask
-    loss, grad, stats = run(student, teacher, ids % 20, weights, loss_type, 0.2, chunk_size=5)
+    loss, grad, stats = run(student, teacher, ids % 20, weights, loss_type, alpha, chunk_size=5)
     assert torch.isfinite(loss) and torch.isfinite(grad).all() and torch.all(grad[5] == 0)
     keep = weights != 0
     assert torch.isfinite(stats.divergence[keep]).all()
-    assert_matches(student, teacher, ids % 20, weights, loss_type, 0.2, chunk_size=5)
+    assert_matches(student, teacher, ids % 20, weights, loss_type, alpha, chunk_size=5)
 
 
 @pytest.mark.usefixtures("autograd_skew")

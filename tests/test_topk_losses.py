@@ -6,7 +6,7 @@ import pytest
 import torch
 from test_losses import make_inputs
 
-from opd.losses import chunked_distill_loss
+from opd.losses import TEACHER_LOGP_FLOOR, chunked_distill_loss
 from opd.topk_losses import (
     TopKSignal,
     TopKTokenStats,
@@ -39,9 +39,11 @@ def ref_topk_loss(student, teacher, ids, token_ids, weights, temperature=1.0, vo
     t_logp = ref_teacher_logp(teacher, vocab, temperature)
     s = student.detach().double().requires_grad_(True)
     s_logp = torch.log_softmax(s[:, :vocab] / temperature, -1)
-    log_q, log_p = t_logp.gather(-1, ids), s_logp.gather(-1, ids)
+    raw_log_q, log_p = t_logp.gather(-1, ids), s_logp.gather(-1, ids)
+    # the reference may clamp the tail: that only decides which terms are 0
+    q_tail = (1 - raw_log_q.exp().sum(-1)).clamp(min=0)
+    log_q = raw_log_q.clamp(min=TEACHER_LOGP_FLOOR)  # the teacher floor, on the per-id log-probs only
     q = log_q.exp()
-    q_tail = (1 - q.sum(-1)).clamp(min=0)  # the reference may clamp: it only decides which terms are 0
     p_tail = 1 - log_p.exp().sum(-1)
     top = torch.where(q > 0, q * (log_q - log_p), 0.0).sum(-1)
     has_tail = q_tail > 1e-12
@@ -54,9 +56,10 @@ def ref_topk_loss(student, teacher, ids, token_ids, weights, temperature=1.0, vo
         stats = TopKTokenStats(
             divergence=div.detach(),
             student_logp=s_logp.gather(-1, token_ids[:, None]).squeeze(-1),
-            teacher_topk_mass=q.sum(-1),
+            teacher_topk_mass=raw_log_q.exp().sum(-1),
             sampled_in_topk=(ids == token_ids[:, None]).any(-1).double(),
             student_entropy=-(s_logp.exp() * s_logp).sum(-1),
+            teacher_floored=(raw_log_q < TEACHER_LOGP_FLOOR).any(-1).double(),
         )
     return loss.detach(), s.grad, stats
 
@@ -87,7 +90,8 @@ def assert_matches(student, teacher, token_ids, weights, k, rtol=1e-4, atol=1e-6
     torch.testing.assert_close(loss.double(), ref_loss, rtol=rtol, atol=atol)
     torch.testing.assert_close(grad.double(), ref_grad, rtol=rtol, atol=atol)
     keep = weights != 0
-    for field in ("divergence", "student_logp", "teacher_topk_mass", "sampled_in_topk", "student_entropy"):
+    fields = ("divergence", "student_logp", "teacher_topk_mass", "sampled_in_topk", "student_entropy")
+    for field in (*fields, "teacher_floored"):
         got, want = getattr(stats, field), getattr(ref_stats, field)
         assert got.dtype == torch.float32 and not got.requires_grad and got.shape == weights.shape
         torch.testing.assert_close(got.double()[keep], want[keep], rtol=rtol, atol=atol * 100)
@@ -139,6 +143,17 @@ def test_signal_vocab_limit_ignores_extra_columns():
     ref = ref_teacher_logp(teacher, 48).topk(4, dim=-1)
     assert torch.equal(signal.ids.long(), ref.indices) and int(signal.ids.max()) < 48
     torch.testing.assert_close(signal.logp.double(), ref.values, rtol=1e-5, atol=1e-5)
+
+
+def test_vocab_limit_above_the_teacher_rows_keeps_them_all():
+    """A student head larger than the teacher's: the signal covers every teacher row, nothing raises."""
+    _, teacher, token_ids, _ = make_inputs(10, 48, seed=33)
+    wide = teacher_topk_signal(teacher, 4, chunk_size=3, vocab_limit=56)
+    exact = teacher_topk_signal(teacher, 4, chunk_size=3)
+    for got, want in zip(vars(wide).values(), vars(exact).values(), strict=True):
+        assert torch.equal(got, want)
+    sampled = teacher_sampled_logp(teacher, token_ids, chunk_size=3, vocab_limit=56)
+    assert torch.equal(sampled, teacher_sampled_logp(teacher, token_ids, chunk_size=3))
 
 
 def test_signal_of_float64_logits_is_float64():
@@ -355,7 +370,7 @@ def test_empty_input():
     [
         ({"k": 0}, "k must"),
         ({"k": 17}, "k must"),
-        ({"k": 4, "vocab_limit": 20}, "vocab_limit"),
+        ({"k": 4, "vocab_limit": 0}, "vocab_limit"),
         ({"k": 4, "vocab_limit": 3}, "k must"),
         ({"k": 4, "chunk_size": 0}, "chunk_size"),
         ({"k": 4, "temperature": 0.0}, "temperature"),

@@ -29,6 +29,7 @@ def test_each_objective_trains_a_step(models, loss_type):  # noqa: F811
     assert metrics["opd/skipped_step"] == 0 and metrics["opd/grad_norm"] > 0
     assert any(not torch.equal(before[k], after[k]) for k in before)
     assert metrics["opd/kept_token_fraction"] == 1.0
+    assert metrics["opd/teacher_floored_fraction"] == 0  # reported by every objective; no -inf here
 
 
 def test_cache_bytes_per_token_follow_the_signal(models):  # noqa: F811

@@ -135,7 +135,7 @@ def _divergence_sums(student, micro_batches, cached, loss_type, config, pad_toke
             mask = torch.cat(micro_batch.loss_mask).to(device)
             _, stats = chunked_distill_loss(
                 response_logits(student, micro_batch, pad_token_id=pad_token_id),
-                teacher_logits.to(device),
+                teacher_logits,
                 response_token_ids(micro_batch).to(device),
                 mask,
                 loss_type=loss_type,

@@ -7,25 +7,37 @@ Temperature rule (project-wide): the SAME temperature ``T`` is applied to both s
 before the softmax, and the returned per-token stats (``student_logp``, ``teacher_logp``, entropy) are also at
 that temperature. Gradients are taken through the division, so they carry the ``1 / T`` factor.
 
-Vocabulary rule: when ``V_s != V_t`` (padded output rows, e.g. 152064 vs 151936), both sides are cut to the
-shared first ``V`` ids and renormalised there; student columns ``>= V`` get exactly zero gradient. The caller
-guarantees every token id (including those of masked rows) is ``< V``.
+Vocabulary rule (every teacher signal: full, top-k, sampled): when ``V_s != V_t`` (padded output rows, e.g.
+152064 vs 151936, in either direction), both sides are cut to the shared first ``V`` ids and renormalised
+there, so whichever head is larger, the mass of its extra rows is left out of the divergence and student
+columns ``>= V`` get exactly zero gradient from it. Only the policy-gradient ratio (``opd.pg_losses``) spans
+the student's whole head, because that is the distribution the rollout sampled from. The caller guarantees
+every token id (including those of masked rows) is ``< V``.
+
+Teacher floor (every objective, every teacher signal): a teacher log-prob below ``TEACHER_LOGP_FLOOR``,
+``-inf`` included, is raised to it after the log-softmax at the loss temperature, before the objective reads
+it. Without it a weighted token whose teacher gives zero probability to an id the student can produce makes
+the reverse-KL family ``+inf`` with NaN gradients and the sampled-token advantages infinite or NaN. The
+weighted tokens where the floor changed something are counted by the objectives
+(``opd/teacher_floored_fraction``).
 
 Memory: the loss is a custom ``torch.autograd.Function``. Forward and backward both walk the tokens in chunks
 of ``chunk_size`` rows and upcast one chunk at a time, so only one chunk's ``[chunk_size, V]`` fp32
 intermediates are ever alive. Only the input tensors are saved for backward, which recomputes each chunk's
-log-softmax. The only ``O(N * V)`` allocation is the gradient of ``student_logits`` itself, which autograd
-needs anyway. Measured peaks beyond that gradient, in ``[chunk_size, V]`` fp32 buffers: forward about 5
-(reverse/forward KL) or 6 (jsd, skew KLs); backward about 4 for the built-in losses, which have closed-form
-gradients that reuse their buffers in place (``logit_grad``); a loss without one falls back to autograd on
-the recomputed chunk, whose cost depends on the loss (about 11 for jsd done that way). For V = 151936 and
-chunk_size = 1024 one buffer is 0.58 GiB. Backward syncs with the device once per chunk (to skip chunks whose
-weights are all zero); forward never does.
+log-softmax. The teacher logits may stay on the host (the teacher cache, pinned on GPU nodes): each pass
+copies one chunk of rows to the student's device when it needs them, so at most one ``[chunk_size, V_t]``
+block of teacher rows is ever on the device (its bf16 copy is half a fp32 buffer). The only ``O(N * V)``
+allocation is the gradient of ``student_logits`` itself, which autograd needs anyway. Measured peaks beyond
+that gradient, in ``[chunk_size, V]`` fp32 buffers: forward about 5 (reverse/forward KL) or 6 (jsd, skew KLs);
+backward about 4 for the built-in losses, which have closed-form gradients that reuse their buffers in place
+(``logit_grad``); a loss without one falls back to autograd on the recomputed chunk, whose cost depends on the
+loss (about 11 for jsd done that way). For V = 151936 and chunk_size = 1024 one buffer is 0.58 GiB. Backward
+syncs with the device once per chunk (to skip chunks whose weights are all zero); forward never does.
 
-NaN safety: teacher logits may be ``-inf`` (zero probability). Every ``q * log(...)`` style term is guarded
-so ``0 * inf`` never occurs, and a token with weight 0 contributes exactly 0 to the loss and to the gradient
-even if its divergence is ``inf`` or ``nan``. ``reverse_kl`` is genuinely ``+inf`` for a weighted token whose
-teacher gives zero probability to a token the student can sample; that is the mathematics, not a bug.
+NaN safety: with the teacher floor, every weighted token's divergence and gradient are finite for finite
+student logits. Every ``a * log(...)`` style term is guarded where ``a`` is exactly 0 (an underflowed
+probability), so ``0 * inf`` never occurs, and a token with weight 0 contributes exactly 0 to the loss and to
+the gradient even if its teacher row is garbage (``nan``).
 """
 
 from __future__ import annotations
@@ -50,6 +62,16 @@ LOGIT_GRAD_REGISTRY: dict[str, LossFn] = {}
 PARAM_CHECK_REGISTRY: dict[str, Callable[..., None]] = {}
 """name -> optional validator of that loss's keyword params; raises ValueError naming the bad param."""
 
+TEACHER_LOGP_FLOOR = -100.0
+"""Lowest teacher log-prob (nats) any objective reads; see the module docstring.
+
+A probability of e^-100 (about 4e-44) is below float32's smallest normal number and far below anything a
+model assigns to a token it could emit, so raising a log-prob to it changes no real distribution, while it
+bounds what one such token can add: a reverse KL of at most 100 nats, a sampled log-ratio of the same order,
+like the worst finite tokens. The float32 minimum (-3.4e38) would be finite too, but would make that token's
+loss and gradient astronomically large and swamp the rest of the batch.
+"""
+
 
 @dataclass
 class TokenStats:
@@ -63,6 +85,8 @@ class TokenStats:
     """``log p_teacher(token_ids[i])`` at the loss temperature."""
     student_entropy: torch.Tensor
     """Entropy of the student distribution (on the shared vocabulary, at the loss temperature)."""
+    teacher_floored: torch.Tensor
+    """1.0 where a teacher log-prob of the row was below ``TEACHER_LOGP_FLOOR`` and raised to it, else 0.0."""
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -252,7 +276,7 @@ def _skew_reverse_kl_logit_grad(
     cancels): p (h - sum_v p_v h_v) with h = r - alpha exp(r). For alpha = 0 this is the reverse-KL gradient.
     """
     h = _skew_log_ratio(student_logp, teacher_logp, alpha, out=teacher_logp)
-    if alpha > 0:  # skipped at alpha = 0, where exp(r) may be inf (q = 0) and 0 * inf would be nan
+    if alpha > 0:  # skipped at alpha = 0, where exp(r) = p / q overflows for a tiny q and 0 * inf is nan
         h.sub_(h.exp().mul_(alpha))
     return _kl_logit_grad(student_logp.exp_(), h)
 
@@ -321,13 +345,14 @@ def _masked_weighted_sum(div: torch.Tensor, weights: torch.Tensor) -> torch.Tens
 
 @dataclass
 class _ChunkOut:
-    """Forward results of one chunk: scalar partial loss and four [c] stats vectors."""
+    """Forward results of one chunk: scalar partial loss and five [c] stats vectors."""
 
     loss: torch.Tensor
     divergence: torch.Tensor
     student_logp: torch.Tensor
     teacher_logp: torch.Tensor
     entropy: torch.Tensor
+    teacher_floored: torch.Tensor
 
 
 @dataclass
@@ -344,6 +369,26 @@ class _Setup:
     dtype: torch.dtype
 
 
+def _teacher_log_probs(
+    teacher: torch.Tensor, setup: _Setup, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Floored teacher log-probs of one chunk on ``device``; teacher [c, V_t] anywhere -> [c, V], [c] bool.
+
+    Only these rows travel to the device (asynchronously from pinned host memory). The whole rows are
+    copied, then cut, because a strided column slice of host memory would first be gathered into unpinned
+    memory. The bool marks the rows where the floor raised a log-prob.
+    """
+    rows = teacher.to(device, non_blocking=True)[:, : setup.vocab]
+    logp = _log_probs(rows, setup.temperature, setup.dtype)
+    floored = logp.amin(dim=-1) < TEACHER_LOGP_FLOOR
+    return logp.clamp_(min=TEACHER_LOGP_FLOOR), floored
+
+
+def floor_teacher_logp(logp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher log-probs raised to ``TEACHER_LOGP_FLOOR`` and 1.0 where that changed them; [N] -> [N], [N]."""
+    return logp.clamp(min=TEACHER_LOGP_FLOOR), (logp < TEACHER_LOGP_FLOOR).to(torch.float32)
+
+
 def _forward_chunk(
     student: torch.Tensor, teacher: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, setup: _Setup
 ) -> _ChunkOut:
@@ -352,7 +397,7 @@ def _forward_chunk(
     Kept as a function so every [c, V] intermediate is released on return, before the next chunk starts.
     """
     s_logp = _log_probs(student[:, : setup.vocab], setup.temperature, setup.dtype)
-    t_logp = _log_probs(teacher[:, : setup.vocab], setup.temperature, setup.dtype)
+    t_logp, floored = _teacher_log_probs(teacher, setup, student.device)
     div = setup.loss_fn(s_logp, t_logp, **setup.params)
     col = ids.unsqueeze(-1)
     return _ChunkOut(
@@ -361,6 +406,7 @@ def _forward_chunk(
         student_logp=s_logp.gather(-1, col).squeeze(-1),
         teacher_logp=t_logp.gather(-1, col).squeeze(-1),
         entropy=_entropy(s_logp),
+        teacher_floored=floored,
     )
 
 
@@ -400,7 +446,7 @@ def _backward_chunk(
     backward bounded. A function of its own so every [c, V] buffer is freed before the next chunk.
     """
     with torch.no_grad():
-        t_logp = _log_probs(teacher[:, : setup.vocab], setup.temperature, setup.dtype)
+        t_logp, _ = _teacher_log_probs(teacher, setup, student.device)
     student = student[:, : setup.vocab]
     if setup.logit_grad is None:
         grad = _autograd_chunk_grad(student, t_logp, weights, grad_out, setup)
@@ -421,20 +467,19 @@ class _ChunkedDistill(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, student_logits, teacher_logits, token_ids, token_weights, setup: _Setup):
-        """student [N, V_s], teacher [N, V_t], ids [N], weights [N] -> (loss scalar, 4 x stats [N] fp32)."""
+        """student [N, V_s], teacher [N, V_t] (any device), ids [N], weights [N] -> loss, 5 stats [N] fp32."""
         n = student_logits.shape[0]
         device = student_logits.device
         loss = torch.zeros((), dtype=setup.dtype, device=device)
-        stats = [torch.empty(n, dtype=torch.float32, device=device) for _ in range(4)]
+        stats = [torch.empty(n, dtype=torch.float32, device=device) for _ in range(5)]
         for start in range(0, n, setup.chunk_size):
             sl = slice(start, start + setup.chunk_size)
             out = _forward_chunk(
                 student_logits[sl], teacher_logits[sl], token_ids[sl], token_weights[sl], setup
             )
             loss += out.loss
-            for dst, src in zip(
-                stats, (out.divergence, out.student_logp, out.teacher_logp, out.entropy), strict=True
-            ):
+            chunk_stats = (out.divergence, out.student_logp, out.teacher_logp, out.entropy)
+            for dst, src in zip(stats, (*chunk_stats, out.teacher_floored), strict=True):
                 dst[sl] = src
         ctx.save_for_backward(student_logits, teacher_logits, token_weights)
         ctx.setup = setup
@@ -482,7 +527,8 @@ def _check_tensors(student_logits, teacher_logits, token_ids, token_weights) -> 
             raise ValueError(
                 f"{name} has shape {tuple(t.shape)}, expected {shape} (N={n} from student_logits)"
             )
-        if t.device != student_logits.device:
+        # the teacher rows may stay on the host: they are copied to the device a chunk at a time
+        if t is not teacher_logits and t.device != student_logits.device:
             raise ValueError(f"{name} is on {t.device}, student_logits on {student_logits.device}")
     if not (student_logits.is_floating_point() and teacher_logits.is_floating_point()):
         raise ValueError("student_logits and teacher_logits must be floating point")
@@ -532,7 +578,8 @@ def chunked_distill_loss(
 
     Args:
         student_logits: [N, V_s], any float dtype, usually requires grad.
-        teacher_logits: [N, V_t], any float dtype; never receives a gradient.
+        teacher_logits: [N, V_t], any float dtype; never receives a gradient. It may live on another device
+            than the student (the host-side teacher cache): only one chunk of its rows is copied at a time.
         token_ids: [N] integer, the sampled tokens (stats only); every id must be < min(V_s, V_t).
         token_weights: [N] float, 0 where masked. The caller folds the loss mask, any reward weights and the
             global token-mean normaliser into it (e.g. ``mask / mask.sum()`` over the whole global batch).
@@ -567,10 +614,16 @@ def chunked_distill_loss(
         vocab=min(student_logits.shape[1], teacher_logits.shape[1]),
         dtype=torch.float64 if student_logits.dtype == torch.float64 else torch.float32,
     )
-    loss, div, s_logp, t_logp, entropy = _ChunkedDistill.apply(
+    loss, div, s_logp, t_logp, entropy, floored = _ChunkedDistill.apply(
         student_logits, teacher_logits, token_ids, token_weights, setup
     )
-    return loss, TokenStats(divergence=div, student_logp=s_logp, teacher_logp=t_logp, student_entropy=entropy)
+    return loss, TokenStats(
+        divergence=div,
+        student_logp=s_logp,
+        teacher_logp=t_logp,
+        student_entropy=entropy,
+        teacher_floored=floored,
+    )
 
 
 def _check_reverse_weight(reverse_weight: float = 0.0) -> None:

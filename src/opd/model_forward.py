@@ -49,7 +49,8 @@ def response_logits(engine, batch: OPDBatch, *, pad_token_id: int) -> torch.Tens
     data = data.to(device)
     model_inputs, _ = engine.prepare_model_inputs(data)
     rows = response_logit_rows(batch).to(device)
-    autocast_dtype = getattr(engine, "_autocast_dtype", torch.bfloat16)
+    # set by verl's FSDP engine constructor; common.verl_surface checks that at launch
+    autocast_dtype = engine._autocast_dtype
     autocast = (
         nullcontext()
         if autocast_dtype == torch.float32

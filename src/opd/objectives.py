@@ -6,7 +6,10 @@
   rollout log-probs, and also serve GRPO + OPD's task loss (:func:`task_policy_loss`).
 
 Every objective returns an :class:`ObjectiveOutput` with the same per-token diagnostics, so the student
-step, TIP selection and the metrics do not care which one ran.
+step, TIP selection and the metrics do not care which one ran. All of them follow the vocabulary rule and
+the teacher floor of :mod:`opd.losses`, and report ``teacher_floored_fraction``: per token, 1.0 where the
+token is weighted and the floor raised a teacher log-prob the objective read (its mean over the loss tokens
+becomes ``opd/teacher_floored_fraction``; times ``opd/num_tokens`` it is their count).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from typing import Any
 import torch
 
 from opd.config import OPDConfig
-from opd.losses import chunked_distill_loss
+from opd.losses import chunked_distill_loss, floor_teacher_logp
 from opd.pg_losses import (
     IW_OPD,
     chunked_token_logp,
@@ -64,7 +67,10 @@ class MicroBatchTokens:
 
     @cached_property
     def student_logp_at_rollout_temperature(self) -> torch.Tensor:
-        """``[N]`` differentiable student log-probs at the rollout temperature (the ratio's numerator)."""
+        """``[N]`` differentiable student log-probs at the rollout temperature (the ratio's numerator).
+
+        Normalised over the student's whole head, padded rows included: the rollout sampled from all of it.
+        """
         return chunked_token_logp(
             self.logits,
             self.token_ids,
@@ -114,11 +120,23 @@ def distillation_objective(
     return _policy_gradient(tokens, cached, weights, ctx)
 
 
+def _floored_metric(floored: torch.Tensor, weights: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``teacher_floored_fraction`` per token: ``floored`` [N] (1.0 / 0.0) on weighted tokens only -> [N]."""
+    return {"teacher_floored_fraction": torch.where(weights != 0, floored, 0.0)}
+
+
+def _shared_vocab(tokens: MicroBatchTokens, cached: CachedSignal) -> int:
+    """Ids the divergence compares: the student's output rows, or fewer if the signal covers fewer."""
+    rows = tokens.logits.shape[-1]
+    return rows if cached.vocab is None else min(rows, cached.vocab)
+
+
 def _full_vocabulary(tokens, cached, weights, ctx) -> ObjectiveOutput:
     config = ctx.config
+    # The cached rows stay on the host: the loss copies one chunk of them at a time to the device.
     loss, stats = chunked_distill_loss(
         tokens.logits,
-        cached.logits.to(tokens.logits.device, non_blocking=True),
+        cached.logits,
         tokens.token_ids,
         weights,
         loss_type=config.loss_type,
@@ -128,7 +146,12 @@ def _full_vocabulary(tokens, cached, weights, ctx) -> ObjectiveOutput:
         loss_params=config.loss_params(ctx.step),
     )
     return ObjectiveOutput(
-        loss, stats.divergence, stats.student_logp, stats.teacher_logp, stats.student_entropy
+        loss,
+        stats.divergence,
+        stats.student_logp,
+        stats.teacher_logp,
+        stats.student_entropy,
+        token_metrics=_floored_metric(stats.teacher_floored, weights),
     )
 
 
@@ -140,17 +163,19 @@ def _topk(tokens, cached, weights, ctx) -> ObjectiveOutput:
         weights,
         chunk_size=ctx.config.chunk_size,
         temperature=ctx.config.temperature,
-        vocab_limit=tokens.logits.shape[-1],
+        vocab_limit=_shared_vocab(tokens, cached),
     )
+    teacher_logp, sampled_floored = floor_teacher_logp(cached.sampled_logp.to(tokens.logits.device))
     return ObjectiveOutput(
         loss,
         stats.divergence,
         stats.student_logp,
-        cached.sampled_logp.to(tokens.logits.device),
+        teacher_logp,
         stats.student_entropy,
         token_metrics={
             "teacher_topk_mass": stats.teacher_topk_mass,
             "sampled_token_in_topk": stats.sampled_in_topk,
+            **_floored_metric(torch.maximum(stats.teacher_floored, sampled_floored), weights),
         },
     )
 
@@ -162,9 +187,10 @@ def _policy_gradient(tokens, cached, weights, ctx) -> ObjectiveOutput:
         tokens.token_ids,
         temperature=config.temperature,
         chunk_size=config.chunk_size,
-        vocab=tokens.logits.shape[-1],
+        vocab=_shared_vocab(tokens, cached),
     )
-    teacher_logp = cached.sampled_logp.to(tokens.logits.device).to(student_logp.dtype)
+    cached_logp = cached.sampled_logp.to(tokens.logits.device).to(student_logp.dtype)
+    teacher_logp, floored = floor_teacher_logp(cached_logp)
     rollout_logp = tokens.require_rollout_logp(f"opd.loss_type={config.loss_type}")
     token_metrics, extreme_metrics = {}, {}
     if config.loss_type == IW_OPD:
@@ -190,7 +216,11 @@ def _policy_gradient(tokens, cached, weights, ctx) -> ObjectiveOutput:
         student_logp,
         teacher_logp,
         entropy,
-        token_metrics={**token_metrics, "pg/advantage_mean": advantages},
+        token_metrics={
+            **token_metrics,
+            "pg/advantage_mean": advantages,
+            **_floored_metric(floored, weights),
+        },
         extreme_metrics=extreme_metrics,
         mean_metrics={f"pg/{key}": value for key, value in pg_metrics.items()},
     )

@@ -1,9 +1,13 @@
 """Sampled-token policy-gradient objectives (``sampled_rkl_pg``, ``iw_opd``) trained with verl's policy loss.
 
-Notation: ``N`` response tokens ``y_t`` packed over the micro-batch, shared vocabulary ``V``.
+Notation: ``N`` response tokens ``y_t`` packed over the micro-batch, shared vocabulary ``V = min(V_s, V_t)``.
 ``s_t = log p_student(y_t)`` and ``q_t = log p_teacher(y_t)`` at the distillation temperature ``T``
-(``opd.temperature``); ``r_t`` is the rollout engine's log-prob of ``y_t`` at the rollout temperature
-``T_r``; ``s^r_t`` is the student's log-prob at ``T_r``, the only quantity with a gradient.
+(``opd.temperature``), both normalised over the shared ids, ``q_t`` raised to the teacher floor of
+:mod:`opd.losses` (so a zero-probability teacher token gives a large finite advantage, never inf or NaN);
+``r_t`` is the rollout engine's log-prob of ``y_t`` at the rollout temperature ``T_r``; ``s^r_t`` is the
+student's log-prob at ``T_r`` over its whole head (what the rollout sampled from), the only quantity with a
+gradient. ``opd.objectives`` applies the floor and picks the vocabularies; the functions here take them as
+given.
 
 Advantages (detached, discount 0: each token is scored by its own log-ratio):
 

@@ -31,7 +31,8 @@ class SignalSpec:
     """Tokens per chunk when turning logits into the 'topk' signal."""
 
     vocab_limit: int | None = None
-    """Student output rows: ids the student cannot produce are left out of the 'topk' signal."""
+    """Student output rows: the 'topk' and 'sampled' log-probs are normalised over the first
+    ``min(V_t, vocab_limit)`` ids, the ones both heads have, whichever head is larger."""
 
 
 @dataclass
@@ -46,6 +47,10 @@ class CachedSignal:
 
     sampled_logp: torch.Tensor | None = None
     """'topk' and 'sampled': ``[sum R_i]`` teacher log-prob of each sampled token."""
+
+    vocab: int | None = None
+    """'topk' and 'sampled': the ids their log-probs are normalised over, ``min(V_t, V_s)``; None for a
+    signal built over the student's own rows. The student side renormalises on the same ids."""
 
     def num_bytes(self) -> int:
         parts = [self.logits, self.sampled_logp] + (
@@ -129,15 +134,14 @@ def _to_host_signal(logits: torch.Tensor, token_ids: torch.Tensor, spec: SignalS
         host = torch.empty(logits.shape, dtype=torch.bfloat16, pin_memory=pin)
         host.copy_(logits, non_blocking=pin)
         return CachedSignal(logits=host)
-    options = dict(temperature=spec.temperature, chunk_size=spec.chunk_size, vocab_limit=spec.vocab_limit)
+    rows = logits.shape[-1]
+    vocab = rows if spec.vocab_limit is None else min(rows, spec.vocab_limit)
+    options = dict(temperature=spec.temperature, chunk_size=spec.chunk_size, vocab_limit=vocab)
+    sampled = teacher_sampled_logp(logits, token_ids.to(logits.device), **options).cpu()
     if spec.kind == "sampled":
-        return CachedSignal(
-            sampled_logp=teacher_sampled_logp(logits, token_ids.to(logits.device), **options).cpu()
-        )
-    return CachedSignal(
-        topk=teacher_topk_signal(logits, spec.topk, **options).to("cpu"),
-        sampled_logp=teacher_sampled_logp(logits, token_ids.to(logits.device), **options).cpu(),
-    )
+        return CachedSignal(sampled_logp=sampled, vocab=vocab)
+    topk = teacher_topk_signal(logits, spec.topk, **options).to("cpu")
+    return CachedSignal(topk=topk, sampled_logp=sampled, vocab=vocab)
 
 
 def _free_device_memory() -> None:

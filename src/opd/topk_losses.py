@@ -11,10 +11,13 @@ coarsened to ``K`` plus one "everything else" bucket:
     D = sum_{j in K} q_j (log q_j - log p_j) + q_tail (log q_tail - log p_tail),
     q_tail = 1 - sum_{j in K} q_j,   p_tail = 1 - sum_{j in K} p_j.
 
-No probability is clamped: tails are log-sum-exps over the ids outside ``K`` (exact, and exactly ``-inf``
+The tails are never clamped: they are log-sum-exps over the ids outside ``K`` (exact, and exactly ``-inf``
 when ``K`` holds all the mass), and every ``q * log(...)`` term with ``q = 0`` is exactly 0, never 0 * inf.
-With k = V the tail is empty and D is the full forward KL. D <= the full forward KL (coarsening can only
-lose information), and D = 0 when the student equals the teacher.
+The teacher's per-id log-probs ``log q_j`` follow the teacher floor of :mod:`opd.losses` (raised to
+``TEACHER_LOGP_FLOOR``, as in every objective). With k = V the tail is empty and D is the full forward KL of
+the floored teacher. D <= the full forward KL (coarsening can only lose information), and D = 0 when the
+student equals the teacher. Padded heads follow the vocabulary rule of :mod:`opd.losses`: signal and loss
+both use the first ``V = min(V_s, V_t)`` ids, whichever head is larger.
 
 Memory: :func:`chunked_topk_forward_kl` is a custom ``torch.autograd.Function`` with the same discipline as
 ``chunked_distill_loss``: forward and backward walk ``chunk_size`` rows at a time, backward recomputes the
@@ -31,7 +34,13 @@ from dataclasses import dataclass
 
 import torch
 
-from opd.losses import _check_chunk_and_temperature, _entropy, _log_probs, _masked_weighted_sum
+from opd.losses import (
+    TEACHER_LOGP_FLOOR,
+    _check_chunk_and_temperature,
+    _entropy,
+    _log_probs,
+    _masked_weighted_sum,
+)
 
 TOPK_LOSS = "forward_kl_topk"
 """``opd.loss_type`` of :func:`chunked_topk_forward_kl`; its teacher signal is :class:`TopKSignal`."""
@@ -76,7 +85,10 @@ class TopKSignal:
 
 
 def _shared_vocab(logits: torch.Tensor, vocab_limit: int | None) -> int:
-    """Columns to use: all of ``logits`` [N, V] or the first ``vocab_limit`` (which must not exceed V)."""
+    """Columns to use of ``logits`` [N, V]: all of them, or the first ``min(V, vocab_limit)``.
+
+    ``vocab_limit`` is the other model's output rows, so either head may be the larger one.
+    """
     if logits.dim() != 2 or not logits.is_floating_point():
         raise ValueError(
             f"logits must be a 2-D float tensor [N, V], got {logits.dtype} {tuple(logits.shape)}"
@@ -85,9 +97,7 @@ def _shared_vocab(logits: torch.Tensor, vocab_limit: int | None) -> int:
         return logits.shape[1]
     if isinstance(vocab_limit, bool) or not isinstance(vocab_limit, int) or not 0 < vocab_limit:
         raise ValueError(f"vocab_limit must be a positive int or None, got {vocab_limit!r}")
-    if vocab_limit > logits.shape[1]:
-        raise ValueError(f"vocab_limit {vocab_limit} exceeds the {logits.shape[1]} columns of the logits")
-    return vocab_limit
+    return min(vocab_limit, logits.shape[1])
 
 
 def _signal_dtype(logits: torch.Tensor) -> torch.dtype:
@@ -120,8 +130,9 @@ def teacher_topk_signal(
         k: entries kept per token, 1 <= k <= V.
         temperature: T, the same one the loss will use (project temperature rule).
         chunk_size: rows upcast at a time; only a few [chunk_size, V] fp32 buffers exist at once.
-        vocab_limit: V, the shared vocabulary (``min(V_s, V_t)``); None uses all V_t columns. Later columns
-            are ignored entirely, i.e. the distribution is renormalised on the first V ids.
+        vocab_limit: the student's output rows; the signal covers the shared vocabulary, the first
+            ``V = min(V_t, vocab_limit)`` ids (all V_t for None). Later columns are ignored entirely, i.e. the
+            distribution is renormalised on the first V ids.
 
     Returns:
         ``TopKSignal`` with ids [N, k] int32, logp [N, k] and tail_logp [N]
@@ -155,7 +166,9 @@ def teacher_sampled_logp(
     chunk_size: int = 1024,
     vocab_limit: int | None = None,
 ) -> torch.Tensor:
-    """``log q(token_ids[i])`` at temperature T on the first V columns; [N, V_t], [N] -> [N] float32.
+    """``log q(token_ids[i])`` at temperature T on the first ``V = min(V_t, vocab_limit)`` columns.
+
+    teacher_logits [N, V_t], token_ids [N] (each < V) -> [N] float32.
 
     The top-k signal cannot answer this for sampled tokens outside the top-k, so it is cached alongside
     (4 bytes per token) for the teacher-NLL / sampled-KL diagnostics. Float64 for float64 logits.
@@ -193,6 +206,8 @@ class TopKTokenStats:
     """1.0 where ``token_ids[i]`` is among the teacher's top-k ids, else 0.0 (float, so it averages)."""
     student_entropy: torch.Tensor
     """Entropy of the student distribution (on the shared vocabulary, at the loss temperature)."""
+    teacher_floored: torch.Tensor
+    """1.0 where a top-k log-prob of the signal was below ``TEACHER_LOGP_FLOOR`` (raised to it), else 0.0."""
 
 
 @dataclass
@@ -218,6 +233,11 @@ def _topk_divergence(
     return _xlogx_ratio(top_logp, log_p_top).sum(dim=-1) + _xlogx_ratio(tail_logp, log_p_tail)
 
 
+def _floored(top_logp: torch.Tensor, setup: _TopKSetup) -> torch.Tensor:
+    """The signal's top-k log-probs in the compute dtype, raised to the teacher floor; [c, k] -> [c, k]."""
+    return top_logp.to(setup.dtype).clamp(min=TEACHER_LOGP_FLOOR)
+
+
 @torch.no_grad()
 def _topk_forward_chunk(student, ids, top_logp, tail_logp, token_ids, weights, setup: _TopKSetup):
     """Partial loss and [c] stats of one chunk; student [c, V_s], ids / top_logp [c, k], others [c].
@@ -230,7 +250,7 @@ def _topk_forward_chunk(student, ids, top_logp, tail_logp, token_ids, weights, s
     ids = ids.long()
     log_p_top = logp.gather(-1, ids)
     log_p_tail = _logsumexp_outside(logp, ids)  # consumes logp: it is not needed after this
-    div = _topk_divergence(top_logp.to(setup.dtype), log_p_top, tail_logp.to(setup.dtype), log_p_tail)
+    div = _topk_divergence(_floored(top_logp, setup), log_p_top, tail_logp.to(setup.dtype), log_p_tail)
     return _masked_weighted_sum(div, weights), div, sampled, entropy
 
 
@@ -246,7 +266,7 @@ def _topk_backward_chunk(student, ids, top_logp, tail_logp, weights, grad_out, s
     dtype = setup.dtype
     logp = _log_probs(student[:, : setup.vocab], setup.temperature, dtype)
     ids = ids.long()
-    q_top = top_logp.to(dtype).exp()
+    q_top = _floored(top_logp, setup).exp()
     tail_logp = tail_logp.to(dtype)
     # target starts as the student's log-probs with K at -inf, so exp() leaves K at 0 for the scatter below.
     target = logp.scatter(-1, ids, float("-inf"))
@@ -363,14 +383,15 @@ def chunked_topk_forward_kl(
     Args:
         student_logits: [N, V_s], any float dtype, usually requires grad.
         signal: the teacher's ``TopKSignal`` for the same N tokens, built by :func:`teacher_topk_signal` with
-            the SAME temperature and the same shared vocabulary V.
+            the SAME temperature and the same shared vocabulary V. Its log-probs are floored here.
         token_ids: [N] integer, the sampled tokens (stats only), each < V.
         token_weights: [N] float, 0 where masked (mask, reward weights and normaliser folded in, as for
             ``chunked_distill_loss``); a weight-0 row contributes exactly 0 even if its signal is garbage.
         chunk_size: rows processed at a time; peak extra memory is a few [chunk_size, V] fp32 buffers.
         temperature: T, applied to the student here; the signal must already be at the same T.
-        vocab_limit: V, the shared vocabulary; None uses all V_s columns. Student columns >= V get zero
-            gradient. Must match the signal's (its ids are < V and its tail is the mass of the rest of V).
+        vocab_limit: the ids the signal covers; the loss uses ``V = min(V_s, vocab_limit)`` (all V_s for
+            None), which must be the signal's V (its ids are < V and its tail is the mass of the rest of V).
+            Student columns >= V get zero gradient.
 
     Returns:
         ``loss`` as a 0-dim float32 tensor (float64 for float64 student logits) and ``TopKTokenStats`` of
@@ -392,11 +413,13 @@ def chunked_topk_forward_kl(
     with torch.no_grad():
         mass = torch.logsumexp(signal.logp.float(), dim=-1).exp()
         in_topk = (signal.ids == token_ids.to(signal.ids.dtype).unsqueeze(-1)).any(dim=-1).float()
+        floored = (signal.logp.amin(dim=-1) < TEACHER_LOGP_FLOOR).float()
     stats = TopKTokenStats(
         divergence=div,
         student_logp=sampled,
         teacher_topk_mass=mass,
         sampled_in_topk=in_topk,
         student_entropy=entropy,
+        teacher_floored=floored,
     )
     return loss, stats
