@@ -15,6 +15,10 @@ _FIELDS = (
     ("step", "timing_s/step", "{:.1f}s"),
     ("mem_t", "opd/memory/teacher_peak_gb", "{:.2f}GB"),
     ("mem_s", "opd/memory/student_peak_gb", "{:.2f}GB"),
+    ("turns", "opd/agent/turns_mean", "{:.2f}"),
+    ("calls", "opd/agent/tool_calls_per_sample", "{:.2f}"),
+    ("tool_err", "opd/agent/tool_error_fraction", "{:.2f}"),
+    ("tool_tok", "opd/tool_mask/tool_fraction", "{:.2f}"),
     ("val_rkl", "val-opd/reverse_kl", "{:.4f}"),
     ("val_teacher_answer_nll", "val-opd/teacher_answer_nll", "{:.4f}"),
 )

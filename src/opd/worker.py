@@ -20,6 +20,7 @@ from verl.utils.config import omega_conf_to_dataclass
 from verl.workers.engine_workers import ActorRolloutRefWorker
 
 from common.batch import OPDBatch, build_opd_batch, micro_batch_rows
+from opd.agent_metrics import agent_metrics, agent_sums
 from opd.config import OPDConfig
 from opd.devices import current_device, phase_meter
 from opd.evaluation import evaluate_held_out
@@ -82,6 +83,7 @@ class OPDActorRolloutWorker(ActorRolloutRefWorker):
 
     def update_on_batch(self, batch: OPDBatch, *, global_mini_batch_size: int, step: int) -> dict[str, float]:
         """Both phases on this rank's rows (possibly none: the rank then runs matching no-op work)."""
+        agent = self._agent_metrics(batch) if self.config.rollout.multi_turn.enable else {}
         steps = self._plan_steps(batch, global_mini_batch_size)
         micro_batches = [mb for step_mbs in steps for mb in step_mbs]
         with phase_meter() as teacher_phase:
@@ -99,9 +101,25 @@ class OPDActorRolloutWorker(ActorRolloutRefWorker):
                 "opd/timing/student_s": student_phase["seconds"],
                 "opd/memory/teacher_peak_gb": teacher_phase["peak_gb"],
                 "opd/memory/student_peak_gb": student_phase["peak_gb"],
+                **agent,
             }
         )
         return metrics
+
+    def _agent_metrics(self, batch: OPDBatch) -> dict[str, float]:
+        """``opd/agent/*`` and ``opd/tool_mask/*`` over every rank's real samples."""
+        responses = [ids[int(p) :] for ids, p in zip(batch.input_ids, batch.prompt_lengths, strict=True)]
+        sums = agent_sums(
+            responses,
+            batch.loss_mask,
+            self.student.model_config.tokenizer,
+            self.config.rollout.multi_turn.max_assistant_turns,
+        )
+        maximum = _all_reduce(int(sums.pop("turns_max")), dist.ReduceOp.MAX)
+        keys = sorted(sums)
+        totals = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=current_device())
+        dist.all_reduce(totals, op=dist.ReduceOp.SUM)
+        return agent_metrics({**dict(zip(keys, totals.tolist(), strict=True)), "turns_max": float(maximum)})
 
     def _student_phase(self, steps: list[list[OPDBatch]], cached_signals, step: int) -> dict[str, float]:
         """One optimizer step per mini-batch inside verl's train-mode context (onload, step, offload)."""
