@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 import random
 import re
 import subprocess
@@ -13,6 +14,7 @@ import pytest
 
 from data import arithmetic
 from data.arithmetic import DATA_SOURCE, INSTRUCTION, build_splits, main, write_arithmetic_dataset
+from opd.teacher_prompts import check_teacher_prompts
 from rewards import compute_score
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -36,7 +38,9 @@ def test_rows_follow_verl_schema():
                 "split": split,
                 "index": index,
                 "answer": row["extra_info"]["answer"],
+                "solution": row["extra_info"]["solution"],
             }
+            assert "teacher_prompt" not in row  # only with a teacher context
 
 
 def test_answers_are_verifiable_non_negative_integers():
@@ -71,6 +75,63 @@ def test_every_template_states_its_answer_correctly():
             problem = template(rng)
             numbers = [int(n) for n in re.findall(r"\d+", problem.question)]
             assert problem.answer == formula(*numbers), problem.question
+
+
+# "12 x 3 = 36", "5 + 10 + 7 = 22": every equation a worked solution states (one operator kind each,
+# so evaluating left to right is exact).
+_EQUATION = re.compile(r"(\d+(?: [-+x/] \d+)+) = (\d+)")
+_OPERATORS = {"+": operator.add, "-": operator.sub, "x": operator.mul, "/": operator.truediv}
+
+
+def _evaluate(expression: str) -> float:
+    tokens = expression.split()
+    value = float(tokens[0])
+    for symbol, number in zip(tokens[1::2], tokens[2::2], strict=True):
+        value = _OPERATORS[symbol](value, float(number))
+    return value
+
+
+def test_every_template_gives_a_worked_solution_that_is_right():
+    rng = random.Random(5)
+    for template in arithmetic._TEMPLATES:
+        for _ in range(50):
+            problem = template(rng)
+            equations = _EQUATION.findall(problem.solution)
+            assert equations, problem.solution
+            for expression, result in equations:
+                assert _evaluate(expression) == int(result), problem.solution
+            # the last step computes the answer, and the solution ends by stating it
+            assert int(equations[-1][1]) == problem.answer
+            assert problem.solution.endswith(f"The answer is {problem.answer}.")
+
+
+@pytest.mark.parametrize("context", ["solution", "answer"])
+def test_teacher_context_gives_every_row_a_privileged_prompt(tmp_path, context):
+    train_path, val_path = write_arithmetic_dataset(tmp_path, 6, 3, seed=2, teacher_context=context)
+    plain_train, plain_val = build_splits(6, 3, seed=2)
+    for path, plain in ((train_path, plain_train), (val_path, plain_val)):
+        rows = pd.read_parquet(path).to_dict("records")
+        assert len(rows) == len(plain)
+        for row, student in zip(rows, plain, strict=True):
+            # the student's side is unchanged; the teacher's prompt adds the privileged context to it
+            assert row["prompt"][0]["content"] == student["prompt"][0]["content"]
+            teacher = row["teacher_prompt"][0]["content"]
+            assert teacher.startswith(student["prompt"][0]["content"])
+            solution, answer = student["extra_info"]["solution"], student["reward_model"]["ground_truth"]
+            if context == "solution":
+                assert solution in teacher
+            else:
+                assert solution not in teacher and f"the correct final answer is {answer}." in teacher
+    assert check_teacher_prompts(val_path, "column") == 3
+
+
+def test_cli_teacher_context(tmp_path):
+    main(
+        ["--output-dir", str(tmp_path), "--train-size", "2", "--val-size", "2", "--teacher-context", "answer"]
+    )
+    assert "teacher_prompt" in pd.read_parquet(tmp_path / "val.parquet").columns
+    with pytest.raises(SystemExit):
+        main(["--output-dir", str(tmp_path), "--teacher-context", "hint"])
 
 
 def test_deterministic_and_seed_dependent():

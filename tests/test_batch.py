@@ -115,3 +115,96 @@ def test_per_token_fields_follow_their_own_rows_and_truncation():
             prompts=[_t(1), _t(2)],
             rollout_log_probs=[torch.zeros(1), torch.zeros(2)],
         )
+
+
+def test_teacher_prompts_of_other_lengths_read_exactly_the_students_response():
+    # per-row teacher prompts longer and shorter than the student's; one response with tool tokens
+    responses, masks = [_t(5, 90, 6), _t(7, 8)], [_t(1, 0, 1), _t(1, 1)]
+    batch = build_opd_batch(
+        responses=responses,
+        response_mask=masks,
+        prompts=[_t(1, 2), _t(3, 4, 4)],
+        teacher_prompts=[_t(11, 12, 13, 14, 15), _t(16)],
+    )
+    view = batch.teacher_view()
+    assert [ids.tolist() for ids in view.input_ids] == [[11, 12, 13, 14, 15, 5, 90, 6], [16, 7, 8]]
+    assert view.prompt_lengths.tolist() == [5, 1]
+    # the teacher's response positions hold the student's response tokens, row for row
+    packed = torch.cat(view.input_ids)
+    assert packed[response_logit_rows(view) + 1].tolist() == response_token_ids(batch).tolist()
+    assert response_token_ids(view).tolist() == [5, 90, 6, 7, 8]
+    assert [m.tolist() for m in view.loss_mask] == [[1, 0, 1], [1, 1]]
+    # micro-batches carry each row's own teacher prompt
+    second = batch.select([1]).teacher_view()
+    assert second.input_ids[0].tolist() == [16, 7, 8] and second.prompt_lengths.tolist() == [1]
+    assert batch.zero_weight_copy().teacher_view().num_loss_tokens() == 0
+
+
+def test_teacher_prompts_repeat_with_rollout_n():
+    batch = build_opd_batch(
+        responses=[_t(5), _t(6), _t(7), _t(8)],
+        response_mask=[_t(1)] * 4,
+        prompts=[_t(1), _t(2)],
+        teacher_prompts=[_t(9, 9), _t(10, 10, 10)],
+        rollout_n=2,
+    )
+    view = batch.teacher_view()
+    assert [ids.tolist() for ids in view.input_ids] == [
+        [9, 9, 5],
+        [9, 9, 6],
+        [10, 10, 10, 7],
+        [10, 10, 10, 8],
+    ]
+
+
+def test_same_teacher_prompt_gives_the_student_batch():
+    batch = build_opd_batch(responses=[_t(5, 6)], response_mask=[_t(1, 1)], prompts=[_t(1, 2)])
+    view = batch.teacher_view()
+    assert [t.tolist() for t in view.input_ids] == [t.tolist() for t in batch.input_ids]
+    assert view.prompt_lengths.tolist() == batch.prompt_lengths.tolist()
+    assert response_logit_rows(view).tolist() == response_logit_rows(batch).tolist()
+
+
+def test_max_length_counts_the_longer_prompt_and_cuts_both_sides_alike():
+    common = dict(
+        responses=[_t(5, 6, 7, 8), _t(9, 10)],
+        response_mask=[_t(1, 1, 1, 1), _t(1, 1)],
+        prompts=[_t(1, 2), _t(1, 2, 3, 4)],
+        rollout_log_probs=[torch.zeros(4), torch.zeros(2)],
+    )
+    # row 0: teacher prompt 4 > student 2, so 6 - 4 = 2 response tokens fit on both sides;
+    # row 1: the student's prompt (4) is the longer one and 4 + 2 fits exactly
+    batch = build_opd_batch(teacher_prompts=[_t(20, 21, 22, 23), _t(24)], max_length=6, **common)
+    assert batch.num_truncated == 1
+    assert batch.input_ids[0].tolist() == [1, 2, 5, 6]
+    assert batch.teacher_view().input_ids[0].tolist() == [20, 21, 22, 23, 5, 6]
+    assert batch.loss_mask[0].numel() == 2 and batch.rollout_logp[0].numel() == 2
+    assert batch.teacher_view().input_ids[1].tolist() == [24, 9, 10]
+    # without the teacher prompts the same row is not cut
+    assert build_opd_batch(max_length=6, **common).num_truncated == 0
+    with pytest.raises(OverlengthError, match="sample 0: teacher prompt 4 \\+ response 4"):
+        build_opd_batch(
+            teacher_prompts=[_t(20, 21, 22, 23), _t(24)], max_length=6, overlength="error", **common
+        )
+    with pytest.raises(OverlengthError, match="the teacher prompt alone \\(6\\)"):
+        build_opd_batch(teacher_prompts=[_t(*range(6)), _t(24)], max_length=6, **common)
+
+
+def test_bad_teacher_prompts_are_rejected():
+    common = dict(responses=[_t(5)], response_mask=[_t(1)], prompts=[_t(1)])
+    with pytest.raises(ValueError, match="sample 0: empty teacher prompt"):
+        build_opd_batch(teacher_prompts=[_t()], **common)
+    with pytest.raises(ValueError, match="2 prompts do not match 1 responses"):
+        build_opd_batch(teacher_prompts=[_t(1), _t(2)], **common)
+
+
+def test_teacher_rows_whose_response_differs_are_an_error():
+    batch = build_opd_batch(
+        responses=[_t(5, 6)], response_mask=[_t(1, 1)], prompts=[_t(1)], teacher_prompts=[_t(2, 3)]
+    )
+    batch.teacher_input_ids = [_t(2, 3, 5)]  # one response token short: must never be padded silently
+    with pytest.raises(ValueError, match="sample 0: the teacher's response tokens differ.*1 vs 2 tokens"):
+        batch.teacher_view()
+    batch.teacher_input_ids = [_t(2, 3, 5, 7)]
+    with pytest.raises(ValueError, match="differ from the student's"):
+        batch.teacher_view()

@@ -20,7 +20,8 @@ from data.instructions import (
     detect_variant,
     strip_instruction,
 )
-from data.sources import DataError, as_answer
+from data.sources import DataError, as_answer, as_solution
+from opd.teacher_prompts import check_teacher_prompts
 from rewards.agreement import check_reward_agreement
 
 # The real GSM8K / MATH-500 / AIME 2024 files live in the `shared` folder beside the checkout.
@@ -305,3 +306,101 @@ def test_default_output_folder_is_per_variant(tmp_path, monkeypatch):
     assert evaldata.main(["--data-dir", str(data_dir), "--instruction-variant", "none"]) == 0
     written = sorted(p.name for p in (tmp_path / "data" / "eval_processed" / "none").iterdir())
     assert written == ["aime2024.parquet", "aime2025.parquet", "math500.parquet"]
+
+
+# --------------------------------------------------------------------------------------------------
+# worked solutions and the privileged teacher's prompt
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("cell", "answer_cell", "expected"),
+    [
+        ("She sold 48/2 = <<48/2=24>>24 clips.\nSo 72.\n#### 72", True, "She sold 48/2 = 24 clips.\nSo 72."),
+        ("\\frac{1}{2}", True, None),  # a plain answer holds no solution
+        (204, True, None),
+        ("  It is $\\boxed{5}$.  ", False, "It is $\\boxed{5}$."),
+        ("   ", False, None),
+        (None, False, None),
+    ],
+)
+def test_solution_cells(cell, answer_cell, expected):
+    assert as_solution(cell, answer_cell=answer_cell) == expected
+
+
+def test_solutions_are_kept_in_extra_info_without_a_teacher_column(tmp_path):
+    prepared = prep.prepare_grpo_data(write_anchor_layout(tmp_path / "data"), tmp_path / "out")
+    assert "solution" not in read_rows(prepared.train)[0]["extra_info"]  # DAPO has none
+    aime24 = read_rows(prepared.benchmarks["aime2024"])
+    assert aime24[0]["extra_info"]["solution"] == ("Long. " * 40).strip()
+    assert read_rows(prepared.benchmarks["math500"])[0]["extra_info"]["solution"].startswith("It is $\\boxed")
+    for path in [prepared.train, prepared.val, *prepared.benchmarks.values()]:
+        assert "teacher_prompt" not in pq.read_schema(path).names
+
+
+def test_teacher_context_solution_puts_a_teacher_prompt_on_every_row(tmp_path):
+    prepared = prep.prepare_grpo_data(
+        write_anchor_layout(tmp_path / "data"), tmp_path / "out", teacher_context="solution"
+    )
+    files = [prepared.train, prepared.val, *prepared.benchmarks.values()]
+    for path in files:
+        assert check_teacher_prompts(path, "column") == len(read_rows(path))
+    # DAPO and AIME 2025 have no solution: the teacher is given the answer
+    for row in read_rows(prepared.val) + read_rows(prepared.benchmarks["aime2025"]):
+        teacher = row["teacher_prompt"][0]["content"]
+        assert teacher.startswith(row["prompt"][0]["content"])
+        assert f"the correct final answer is {row['reward_model']['ground_truth']}." in teacher
+    # AIME 2024 and MATH-500 have one: the teacher is given the worked solution
+    for benchmark in ("aime2024", "math500"):
+        row = read_rows(prepared.benchmarks[benchmark])[0]
+        teacher = row["teacher_prompt"][0]["content"]
+        assert teacher.startswith(row["prompt"][0]["content"]) and row["extra_info"]["solution"] in teacher
+    check_reward_agreement(files)  # the extra column leaves the reward check as it was
+
+
+def test_teacher_context_answer_never_shows_the_solution(tmp_path):
+    data_dir = write_anchor_layout(tmp_path / "data")
+    code = evaldata.main(
+        ["--data-dir", str(data_dir), "--output-dir", str(tmp_path / "eval"), "--teacher-context", "answer"]
+    )
+    assert code == 0
+    row = read_rows(tmp_path / "eval" / "math500.parquet")[0]
+    teacher = row["teacher_prompt"][0]["content"]
+    assert (
+        row["extra_info"]["solution"] not in teacher
+        and "the correct final answer is \\frac{1}{2}." in teacher
+    )
+    with pytest.raises(SystemExit):
+        prep.main(["--data-dir", str(data_dir), "--teacher-context", "hint"])
+
+
+def test_gsm8k_worked_solution_reaches_train_and_val(tmp_path):
+    rows = [
+        {
+            "question": f"Tom has {i} apples and buys 2. How many?",
+            "answer": f"{i} + 2 = <<{i}+2={i + 2}>>{i + 2}\n#### {i + 2}",
+        }
+        for i in range(10)
+    ]
+    write_jsonl(tmp_path / "gsm8k" / "train.jsonl", rows)
+    code = prep.main(
+        ["--data-dir", str(tmp_path), "--output-dir", str(tmp_path / "out"), "--teacher-context", "solution"]
+    )
+    assert code == 0
+    for name in ("train.parquet", "val.parquet"):
+        for row in read_rows(tmp_path / "out" / name):
+            answer = int(row["reward_model"]["ground_truth"])
+            assert row["extra_info"]["solution"] == f"{answer - 2} + 2 = {answer}"
+            assert row["extra_info"]["solution"] in row["teacher_prompt"][0]["content"]
+
+
+@needs_shared
+def test_real_files_with_teacher_context(tmp_path):
+    prepared = prep.prepare_grpo_data(SHARED_DATA, tmp_path, seed=0, teacher_context="solution")
+    for path in [prepared.train, prepared.val, *prepared.benchmarks.values()]:
+        solutions = pq.read_table(path, columns=["extra_info.solution"]).column("solution").to_pylist()
+        assert all(solutions), path  # every GSM8K, MATH-500 and AIME 2024 row has one
+        assert check_teacher_prompts(path, "column") == len(solutions)
+    first = read_rows(prepared.benchmarks["gsm8k"])[0]
+    assert first["extra_info"]["solution"].startswith("Janet sells 16 - 3 - 4 = 9 duck eggs a day.")
+    assert "<<" not in first["teacher_prompt"][0]["content"]

@@ -57,6 +57,83 @@ require_file() {  # require_file VAR_NAME
   [[ -f "$value" ]] || die "$name=$value: no such file"
 }
 
+# A folder the run writes into: it, or the nearest folder above it that exists, must take new files.
+require_writable_dir() {  # require_writable_dir VAR_NAME
+  local name="$1" value="${!1:-}" existing probe
+  [[ -n "$value" ]] || die "$name is not set"
+  existing="$value"
+  while [[ ! -e "$existing" ]]; do existing="$(dirname -- "$existing")"; done
+  [[ -d "$existing" ]] || die "$name=$value: $existing is not a directory"
+  probe="$(mktemp -p "$existing" .opd-write-check.XXXXXX 2>/dev/null)" \
+    || die "$name=$value: $existing is not writable"
+  rm -f -- "$probe"
+}
+
+# A numeric setting, when set: a whole number (int) or a decimal one (float), optionally compared with a
+# bound, e.g. require_number TRAIN_BATCH_SIZE int '>=' 1. A typo then names its variable here instead of
+# failing deep inside verl.
+require_number() {  # require_number VAR_NAME int|float [OP BOUND]
+  local name="$1" kind="$2" value="${!1:-}"
+  [[ -n "$value" ]] || return 0
+  if [[ "$kind" == int ]]; then
+    # no leading zero: bash arithmetic would read 08 as an invalid octal number
+    [[ "$value" =~ ^-?(0|[1-9][0-9]*)$ ]] || die "$name=$value is not a whole number"
+  else
+    [[ "$value" =~ ^[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?$ ]] \
+      || die "$name=$value is not a number"
+  fi
+  [[ -z "${3:-}" ]] || awk -v x="$value" -v bound="$4" "BEGIN { exit !(x $3 bound) }" \
+    || die "$name=$value must be $3 $4"
+}
+
+# Every numeric variable of the training scripts (README.md), checked before anything starts.
+check_training_numbers() {
+  local name
+  for name in TRAIN_BATCH_SIZE PPO_MINI_BATCH_SIZE PPO_MICRO_BATCH_SIZE_PER_GPU TOTAL_EPOCHS \
+      MAX_PROMPT_LENGTH MAX_RESPONSE_LENGTH ROLLOUT_N TP_SIZE NNODES N_GPUS_PER_NODE; do
+    require_number "$name" int '>=' 1
+  done
+  for name in TOTAL_STEPS VAL_BATCH_SIZE; do
+    [[ "${!name:-}" == null ]] || require_number "$name" int '>=' 1
+  done
+  # verl reads a frequency <= 0 as "never"
+  require_number SAVE_FREQ int
+  require_number TEST_FREQ int
+  require_number LEARNING_RATE float '>' 0
+  require_number ROLLOUT_TEMPERATURE float '>=' 0
+  require_number GPU_MEMORY_UTIL float '>' 0
+  require_number GPU_MEMORY_UTIL float '<=' 1
+}
+
+# verl starts N_GPUS_PER_NODE training processes per node and waits until that many GPUs are free, so
+# more than the node has would wait forever. Without a GPU, the CPU backend gives Ray one logical GPU
+# on this one node (common.cpu_backend.cpu_hydra_overrides).
+check_gpu_count() {
+  local present
+  present="$(gpus_on_this_node)"
+  if (( present == 0 )); then
+    (( ${N_GPUS_PER_NODE:-1} == 1 )) || die "N_GPUS_PER_NODE=$N_GPUS_PER_NODE: nvidia-smi sees no GPU," \
+      "and the CPU backend runs one training process (set N_GPUS_PER_NODE=1 or leave it unset)"
+    (( ${NNODES:-1} == 1 )) || die "NNODES=$NNODES: nvidia-smi sees no GPU, and the CPU backend runs" \
+      "on this node only (set NNODES=1)"
+  elif (( ${N_GPUS_PER_NODE:-present} > present )); then
+    die "N_GPUS_PER_NODE=$N_GPUS_PER_NODE but nvidia-smi sees $present GPU(s) on this node"
+  fi
+}
+
+# The batch rules of verl's validate_config for an FSDP actor without dynamic batch size, named by their
+# variables: a mini-batch is part of a step's batch, and the samples of a step split evenly over the
+# training processes. verl sets no rule on the micro-batch: a larger one is cut to the mini-batch.
+check_batch_sizes() {
+  (( PPO_MINI_BATCH_SIZE <= TRAIN_BATCH_SIZE )) || die "PPO_MINI_BATCH_SIZE=$PPO_MINI_BATCH_SIZE is" \
+    "larger than TRAIN_BATCH_SIZE=$TRAIN_BATCH_SIZE: an optimizer step cannot take more prompts than" \
+    "a training step samples"
+  local samples=$(( TRAIN_BATCH_SIZE * ROLLOUT_N )) processes=$(( N_GPUS_PER_NODE * NNODES ))
+  (( samples % processes == 0 )) || die "TRAIN_BATCH_SIZE x ROLLOUT_N = $TRAIN_BATCH_SIZE x $ROLLOUT_N =" \
+    "$samples samples per step do not split evenly over N_GPUS_PER_NODE x NNODES = $N_GPUS_PER_NODE x" \
+    "$NNODES = $processes training processes"
+}
+
 # MODEL_PATH (student) and TEACHER_MODEL_PATH come as a pair; with neither, the embedded default pair.
 resolve_model_pair() {
   if [[ -z "${MODEL_PATH:-}" && -z "${TEACHER_MODEL_PATH:-}" ]]; then

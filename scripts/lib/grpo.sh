@@ -45,9 +45,14 @@ grpo_variant_args() {
 
 run_grpo() {  # run_grpo VARIANT [hydra overrides...]
   local variant="$1"; shift
+  # bad numbers and folders stop here, before the environment or Ray starts (docs/bad_input.md); the
+  # batch-size rules are verl's own here, since the dapo variant's dynamic batch size lifts them
+  OUTPUT_ROOT="${OUTPUT_ROOT:-$OPD_ROOT/outputs}"
+  require_writable_dir OUTPUT_ROOT
+  check_training_numbers
+  check_gpu_count
   ensure_env
   export_run_env
-  OUTPUT_ROOT="${OUTPUT_ROOT:-$OPD_ROOT/outputs}"
   resolve_model
   if [[ -z "${DATA_DIR:-}" && -n "${INSTRUCTION_VARIANT:-}" ]]; then
     DATA_DIR="$OPD_ROOT/data/grpo_processed/$INSTRUCTION_VARIANT"

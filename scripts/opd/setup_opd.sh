@@ -28,9 +28,9 @@ import importlib
 import torch
 import verl
 
-from common import cpu_backend
+from common.verl_surface import check_verl_surface
 
-cpu_backend.check_verl_symbols()
+check_verl_surface()
 for module in ("opd.worker", "opd.trainer", "opd.main_opd", "common.batch", "rewards", "data.arithmetic"):
     importlib.import_module(module)
 print(f"ok: torch {torch.__version__}, verl {verl.__version__}, gpu={torch.cuda.is_available()}")

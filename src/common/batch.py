@@ -3,7 +3,9 @@
 The rollout (verl's agent loop) emits, per sample, the prompt ids, the response ids with model and tool
 tokens interleaved, and ``response_mask`` (1 = model-generated, 0 = tool output or padding). The student
 is trained on exactly those tokens: the sequence fed to both models is ``prompt + response`` verbatim,
-and only positions with ``response_mask == 1`` enter the loss.
+and only positions with ``response_mask == 1`` enter the loss. A teacher with its own prompt per row
+(privileged context, ``opd.teacher_prompt``) reads ``teacher prompt + the same response``; rows of the
+two sides are aligned on the response tokens, never on absolute positions.
 """
 
 from __future__ import annotations
@@ -47,6 +49,13 @@ class OPDBatch:
     advantages: list[torch.Tensor] | None = None
     """Per sample ``[R_i]`` float32: task-reward (e.g. GRPO) advantages per response token, or None."""
 
+    teacher_input_ids: list[torch.Tensor] | None = None
+    """Per sample ``[L'_i]`` long: the teacher's own prompt followed by this row's response tokens;
+    None when the teacher reads the student's prompt."""
+
+    teacher_prompt_lengths: torch.Tensor | None = None
+    """``[B]`` long: where each response starts inside ``teacher_input_ids``; None with it."""
+
     def __len__(self) -> int:
         return len(self.input_ids)
 
@@ -62,6 +71,7 @@ class OPDBatch:
     def select(self, rows: Sequence[int]) -> OPDBatch:
         """A sub-batch with the given rows (used to split into micro-batches)."""
         rows = list(rows)
+        teacher_lengths = self.teacher_prompt_lengths
         return OPDBatch(
             input_ids=[self.input_ids[r] for r in rows],
             prompt_lengths=self.prompt_lengths[rows],
@@ -70,6 +80,8 @@ class OPDBatch:
             num_truncated=0,
             rollout_logp=_pick(self.rollout_logp, rows),
             advantages=_pick(self.advantages, rows),
+            teacher_input_ids=_pick(self.teacher_input_ids, rows),
+            teacher_prompt_lengths=None if teacher_lengths is None else teacher_lengths[rows],
         )
 
     def zero_weight_copy(self) -> OPDBatch:
@@ -77,6 +89,37 @@ class OPDBatch:
         out = self.select(range(len(self)))
         out.loss_mask = [torch.zeros_like(m) for m in out.loss_mask]
         return out
+
+    def teacher_view(self) -> OPDBatch:
+        """The batch as the teacher reads it: its own prompts, the same responses, masks and weights.
+
+        ``response_logits(engine, batch.teacher_view(), ...)`` then returns teacher rows that line up one
+        to one with the student's ``[sum R_i, V]`` rows. Without teacher prompts this is the batch itself.
+
+        Raises:
+            ValueError: if a row's teacher response tokens differ from the student's.
+        """
+        if self.teacher_input_ids is None:
+            return self
+        student = [ids[p:] for ids, p in zip(self.input_ids, self.prompt_lengths.tolist(), strict=True)]
+        teacher_starts = self.teacher_prompt_lengths.tolist()
+        for index, (ids, start, response) in enumerate(
+            zip(self.teacher_input_ids, teacher_starts, student, strict=True)
+        ):
+            if not torch.equal(ids[start:], response):
+                raise ValueError(
+                    f"sample {index}: the teacher's response tokens differ from the student's "
+                    f"({ids.numel() - start} vs {response.numel()} tokens); both must score the same response"
+                )
+        return OPDBatch(
+            input_ids=self.teacher_input_ids,
+            prompt_lengths=self.teacher_prompt_lengths,
+            loss_mask=self.loss_mask,
+            sample_weights=self.sample_weights,
+            num_truncated=self.num_truncated,
+            rollout_logp=self.rollout_logp,
+            advantages=self.advantages,
+        )
 
 
 def build_opd_batch(
@@ -92,6 +135,7 @@ def build_opd_batch(
     sample_weights: torch.Tensor | None = None,
     rollout_log_probs: Sequence[torch.Tensor] | None = None,
     advantages: Sequence[torch.Tensor] | None = None,
+    teacher_prompts: Sequence[torch.Tensor] | None = None,
 ) -> OPDBatch:
     """Assemble :class:`OPDBatch` from pre-tokenized prompts (preferred) or raw chat prompts.
 
@@ -103,28 +147,38 @@ def build_opd_batch(
             ``add_generation_prompt=True`` and never re-applied to the response, so tool tokens stay.
         rollout_n: responses per prompt. When there are ``n`` times more responses than prompts,
             prompt ``k`` is repeated for responses ``k*n .. k*n+n-1``.
-        max_length: cap on prompt + response tokens.
-        overlength: 'truncate' cuts the response tail (counted in ``num_truncated`` and logged);
-            'error' raises :class:`OverlengthError`.
+        max_length: cap on prompt + response tokens, counted on the longer of the student's and the
+            teacher's prompt.
+        overlength: 'truncate' cuts the response tail, identically on both sides (counted in
+            ``num_truncated`` and logged); 'error' raises :class:`OverlengthError`.
         sample_weights: ``[B]`` per-sample loss weights; defaults to ones.
         rollout_log_probs: per sample ``[R_i]`` rollout log-probs of the response tokens, one row per
             sample (never columns of a padded batch, so rows with different prompt lengths stay aligned).
         advantages: per sample ``[R_i]`` task-reward advantages.
+        teacher_prompts: the teacher's own ``[P'_i]`` prompt ids per prompt or per sample (repeated like
+            ``prompts``), already templated with the teacher's tokenizer; None = the student's prompt.
+            The teacher reads ``teacher prompt + the student's response tokens``.
     """
-    prompt_ids = _resolve_prompts(prompts, raw_prompts, tokenizer)
-    prompt_ids = _repeat_prompts(prompt_ids, len(responses), rollout_n)
+    prompt_ids = _repeat_prompts(_resolve_prompts(prompts, raw_prompts, tokenizer), len(responses), rollout_n)
+    teacher_ids = None
+    if teacher_prompts is not None:
+        teacher_ids = [torch.as_tensor(p, dtype=torch.long) for p in teacher_prompts]
+        teacher_ids = _repeat_prompts(teacher_ids, len(responses), rollout_n)
     if len(response_mask) != len(responses):
         raise ValueError(f"{len(responses)} responses but {len(response_mask)} response masks")
 
-    input_ids, loss_masks, truncated = [], [], 0
+    input_ids, teacher_input_ids, loss_masks, truncated = [], [], [], 0
     for index, (prompt, response, mask) in enumerate(zip(prompt_ids, responses, response_mask, strict=True)):
         if response.numel() != mask.numel():
             raise ValueError(f"sample {index}: response has {response.numel()} tokens, mask {mask.numel()}")
-        if prompt.numel() == 0:
-            raise ValueError(f"sample {index}: empty prompt (the first response token needs a prefix)")
-        keep = _kept_response_length(index, prompt.numel(), response.numel(), max_length, overlength)
+        teacher_prompt = None if teacher_ids is None else teacher_ids[index]
+        side, prompt_len = _longer_prompt(index, prompt, teacher_prompt)
+        keep = _kept_response_length(index, side, prompt_len, response.numel(), max_length, overlength)
         truncated += keep < response.numel()
-        input_ids.append(torch.cat([prompt.long(), response[:keep].long()]))
+        kept_response = response[:keep].long()
+        input_ids.append(torch.cat([prompt.long(), kept_response]))
+        if teacher_prompt is not None:
+            teacher_input_ids.append(torch.cat([teacher_prompt, kept_response]))
         loss_masks.append(mask[:keep].to(torch.float32))
 
     if truncated:
@@ -137,13 +191,19 @@ def build_opd_batch(
     kept = [mask.numel() for mask in loss_masks]
     return OPDBatch(
         input_ids=input_ids,
-        prompt_lengths=torch.tensor([p.numel() for p in prompt_ids], dtype=torch.long),
+        prompt_lengths=_lengths(prompt_ids),
         loss_mask=loss_masks,
         sample_weights=weights,
         num_truncated=truncated,
         rollout_logp=_per_token_field("rollout_log_probs", rollout_log_probs, responses, kept),
         advantages=_per_token_field("advantages", advantages, responses, kept),
+        teacher_input_ids=None if teacher_ids is None else teacher_input_ids,
+        teacher_prompt_lengths=None if teacher_ids is None else _lengths(teacher_ids),
     )
+
+
+def _lengths(rows: Sequence[torch.Tensor]) -> torch.Tensor:
+    return torch.tensor([row.numel() for row in rows], dtype=torch.long)
 
 
 def _per_token_field(name, values, responses, kept) -> list[torch.Tensor] | None:
@@ -195,17 +255,30 @@ def _repeat_prompts(prompt_ids: list[torch.Tensor], num_responses: int, rollout_
     )
 
 
-def _kept_response_length(index: int, prompt_len: int, response_len: int, max_length, overlength) -> int:
+def _longer_prompt(index: int, prompt: torch.Tensor, teacher_prompt: torch.Tensor | None) -> tuple[str, int]:
+    """(which side, length) of the longer prompt; both must be non-empty."""
+    sides = [("prompt", prompt.numel())]
+    if teacher_prompt is not None:
+        sides.append(("teacher prompt", teacher_prompt.numel()))
+    for side, length in sides:
+        if length == 0:
+            raise ValueError(f"sample {index}: empty {side} (the first response token needs a prefix)")
+    return max(sides, key=lambda item: item[1])
+
+
+def _kept_response_length(
+    index: int, side: str, prompt_len: int, response_len: int, max_length, overlength
+) -> int:
     if max_length is None or prompt_len + response_len <= max_length:
         return response_len
     if overlength == "error":
         raise OverlengthError(
-            f"sample {index}: prompt {prompt_len} + response {response_len} tokens exceed "
+            f"sample {index}: {side} {prompt_len} + response {response_len} tokens exceed "
             f"opd.max_length={max_length} (set opd.overlength=truncate to cut the tail instead)"
         )
     if prompt_len >= max_length:
         raise OverlengthError(
-            f"sample {index}: the prompt alone ({prompt_len}) reaches opd.max_length={max_length}"
+            f"sample {index}: the {side} alone ({prompt_len}) reaches opd.max_length={max_length}"
         )
     return max_length - prompt_len
 

@@ -2,13 +2,16 @@
 
 The project must train and be tested without a dataset hub, so this module generates simple
 multi-step word problems (+, -, x and exact division with small integers) whose integer answers
-are known by construction. Each row follows verl's RL dataset schema (``data_source``, ``prompt``,
-``ability``, ``reward_model``, ``extra_info``) and is graded by ``rewards`` under the data source
-:data:`DATA_SOURCE`.
+are known by construction, each with a worked solution. Each row follows verl's RL dataset schema
+(``data_source``, ``prompt``, ``ability``, ``reward_model``, ``extra_info`` with the worked solution in
+``extra_info.solution``) and is graded by ``rewards`` under the data source :data:`DATA_SOURCE`.
+``--teacher-context solution|answer`` adds the privileged teacher's chat to every row, validation
+included, as a ``teacher_prompt`` column (``opd.teacher_prompt=column``).
 
 CLI::
 
-    python -m data.arithmetic --output-dir DIR --train-size N --val-size M --seed S
+    python -m data.arithmetic --output-dir DIR --train-size N --val-size M --seed S \\
+        [--teacher-context solution|answer]
 """
 
 from __future__ import annotations
@@ -20,6 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from data.files import write_parquet
+from data.instructions import with_teacher_prompt
+from opd.teacher_prompts import TEACHER_CONTEXTS
+
 DATA_SOURCE = "opd/arithmetic"
 ABILITY = "math"
 INSTRUCTION = "Solve the problem step by step. Put the final answer, a single number, in \\boxed{}."
@@ -30,10 +37,15 @@ _ITEMS = ("apples", "oranges", "marbles", "stickers", "pencils", "cookies", "car
 
 @dataclass(frozen=True)
 class Problem:
-    """One word problem with its verified integer answer."""
+    """One word problem with its verified integer answer and a worked solution ending in it."""
 
     question: str
     answer: int
+    solution: str
+
+
+def _solved(question: str, steps: str, answer: int) -> Problem:
+    return Problem(question, answer, f"{steps} The answer is {answer}.")
 
 
 def _two_names(rng: random.Random) -> tuple[str, str]:
@@ -44,7 +56,11 @@ def _two_names(rng: random.Random) -> tuple[str, str]:
 def _buy_more(rng: random.Random) -> Problem:
     name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
     a, b = rng.randint(2, 60), rng.randint(2, 40)
-    return Problem(f"{name} has {a} {item} and buys {b} more. How many {item} does {name} have now?", a + b)
+    return _solved(
+        f"{name} has {a} {item} and buys {b} more. How many {item} does {name} have now?",
+        f"{name} starts with {a} {item} and buys {b} more: {a} + {b} = {a + b}.",
+        a + b,
+    )
 
 
 def _give_then_buy(rng: random.Random) -> Problem:
@@ -52,9 +68,11 @@ def _give_then_buy(rng: random.Random) -> Problem:
     item = rng.choice(_ITEMS)
     a = rng.randint(10, 80)
     b, c = rng.randint(1, a - 1), rng.randint(2, 30)
-    return Problem(
+    return _solved(
         f"{name} has {a} {item}, gives {b} of them to {friend}, and then buys {c} more. "
         f"How many {item} does {name} have now?",
+        f"After giving {b} away, {name} has {a} - {b} = {a - b} {item}. "
+        f"After buying {c} more: {a - b} + {c} = {a - b + c}.",
         a - b + c,
     )
 
@@ -62,8 +80,10 @@ def _give_then_buy(rng: random.Random) -> Problem:
 def _bags(rng: random.Random) -> Problem:
     name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
     a, b = rng.randint(2, 12), rng.randint(2, 12)
-    return Problem(
-        f"{name} buys {a} bags with {b} {item} in each bag. How many {item} does {name} buy in total?", a * b
+    return _solved(
+        f"{name} buys {a} bags with {b} {item} in each bag. How many {item} does {name} buy in total?",
+        f"{a} bags with {b} {item} each: {a} x {b} = {a * b}.",
+        a * b,
     )
 
 
@@ -71,9 +91,10 @@ def _boxes_eaten(rng: random.Random) -> Problem:
     name = rng.choice(_NAMES)
     a, b = rng.randint(2, 9), rng.randint(3, 12)
     c = rng.randint(1, a * b - 1)
-    return Problem(
+    return _solved(
         f"{name} buys {a} boxes of cookies with {b} cookies in each box and eats {c} of them. "
         "How many cookies are left?",
+        f"The boxes hold {a} x {b} = {a * b} cookies. After eating {c}: {a * b} - {c} = {a * b - c}.",
         a * b - c,
     )
 
@@ -81,9 +102,10 @@ def _boxes_eaten(rng: random.Random) -> Problem:
 def _shelf(rng: random.Random) -> Problem:
     name = rng.choice(_NAMES)
     a, b, c = rng.randint(2, 9), rng.randint(3, 15), rng.randint(1, 25)
-    return Problem(
+    return _solved(
         f"A shelf has {a} rows with {b} books in each row. {name} puts {c} more books on the shelf. "
         "How many books are on the shelf now?",
+        f"The rows hold {a} x {b} = {a * b} books. With {c} more: {a * b} + {c} = {a * b + c}.",
         a * b + c,
     )
 
@@ -92,9 +114,10 @@ def _wages(rng: random.Random) -> Problem:
     name = rng.choice(_NAMES)
     a, b = rng.randint(5, 20), rng.randint(2, 7)
     c = rng.randint(1, a * b - 1)
-    return Problem(
+    return _solved(
         f"{name} earns {a} dollars a day for {b} days and then spends {c} dollars. "
         f"How many dollars does {name} have left?",
+        f"{name} earns {a} x {b} = {a * b} dollars. After spending {c}: {a * b} - {c} = {a * b - c}.",
         a * b - c,
     )
 
@@ -103,9 +126,10 @@ def _more_than(rng: random.Random) -> Problem:
     name, friend = _two_names(rng)
     item = rng.choice(_ITEMS)
     a, b = rng.randint(3, 50), rng.randint(2, 20)
-    return Problem(
+    return _solved(
         f"{name} has {a} {item}. {friend} has {b} more {item} than {name}. "
         f"How many {item} do {name} and {friend} have together?",
+        f"{friend} has {a} + {b} = {a + b} {item}. Together: {a} + {a + b} = {a + (a + b)}.",
         a + (a + b),
     )
 
@@ -113,9 +137,10 @@ def _more_than(rng: random.Random) -> Problem:
 def _reading(rng: random.Random) -> Problem:
     name = rng.choice(_NAMES)
     a, b = rng.randint(3, 30), rng.randint(1, 40)
-    return Problem(
+    return _solved(
         f"{name} reads {a} pages on Monday, twice as many pages on Tuesday, and {b} pages on Wednesday. "
         f"How many pages does {name} read in the three days?",
+        f"On Tuesday {name} reads 2 x {a} = {2 * a} pages. In all: {a} + {2 * a} + {b} = {a + 2 * a + b}.",
         a + 2 * a + b,
     )
 
@@ -124,9 +149,11 @@ def _share(rng: random.Random) -> Problem:
     name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
     friends, each = rng.randint(2, 9), rng.randint(2, 12)
     extra = rng.randint(1, 10)
-    return Problem(
+    return _solved(
         f"{name} has {friends * each} {item} and shares them equally among {friends} friends. "
         f"Each friend then finds {extra} more {item}. How many {item} does each friend have now?",
+        f"Each friend gets {friends * each} / {friends} = {each} {item}. "
+        f"After finding {extra} more: {each} + {extra} = {each + extra}.",
         each + extra,
     )
 
@@ -167,15 +194,24 @@ def generate_problems(count: int, rng: random.Random, exclude: set[str] | None =
     return problems
 
 
-def to_verl_row(problem: Problem, split: str, index: int) -> dict[str, Any]:
-    """Convert a problem to one row of verl's RL parquet schema."""
-    return {
+def to_verl_row(
+    problem: Problem, split: str, index: int, teacher_context: str | None = None
+) -> dict[str, Any]:
+    """Convert a problem to one row of verl's RL parquet schema (with a ``teacher_prompt`` column for
+    ``teacher_context``, see ``data.instructions.with_teacher_prompt``)."""
+    row = {
         "data_source": DATA_SOURCE,
         "prompt": [{"role": "user", "content": f"{problem.question}\n{INSTRUCTION}"}],
         "ability": ABILITY,
         "reward_model": {"style": "rule", "ground_truth": str(problem.answer)},
-        "extra_info": {"split": split, "index": index, "answer": problem.answer},
+        "extra_info": {
+            "split": split,
+            "index": index,
+            "answer": problem.answer,
+            "solution": problem.solution,
+        },
     }
+    return with_teacher_prompt(row, teacher_context)
 
 
 def _check_size(name: str, value: int) -> None:
@@ -183,8 +219,11 @@ def _check_size(name: str, value: int) -> None:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
-def build_splits(train_size: int, val_size: int, seed: int) -> tuple[list[dict], list[dict]]:
-    """Return (train_rows, val_rows) with disjoint questions.
+def build_splits(
+    train_size: int, val_size: int, seed: int, teacher_context: str | None = None
+) -> tuple[list[dict], list[dict]]:
+    """Return (train_rows, val_rows) with disjoint questions, both with the ``teacher_prompt`` column
+    when ``teacher_context`` is set.
 
     The validation split is drawn first so that it depends only on ``seed`` and ``val_size``:
     runs with different training sizes are then judged on the same held-out problems.
@@ -197,30 +236,23 @@ def build_splits(train_size: int, val_size: int, seed: int) -> tuple[list[dict],
     val = generate_problems(val_size, rng)
     train = generate_problems(train_size, rng, exclude={p.question for p in val})
     return (
-        [to_verl_row(p, "train", i) for i, p in enumerate(train)],
-        [to_verl_row(p, "val", i) for i, p in enumerate(val)],
+        [to_verl_row(p, "train", i, teacher_context) for i, p in enumerate(train)],
+        [to_verl_row(p, "val", i, teacher_context) for i, p in enumerate(val)],
     )
 
 
-def _write_parquet(rows: Sequence[dict], path: Path) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    pq.write_table(pa.Table.from_pylist(list(rows)), path)
-
-
 def write_arithmetic_dataset(
-    output_dir: str | Path, train_size: int, val_size: int, seed: int
+    output_dir: str | Path, train_size: int, val_size: int, seed: int, teacher_context: str | None = None
 ) -> tuple[Path, Path]:
     """Write ``train.parquet`` and ``val.parquet`` into ``output_dir`` and return their paths."""
-    train_rows, val_rows = build_splits(train_size, val_size, seed)
+    train_rows, val_rows = build_splits(train_size, val_size, seed, teacher_context)
     out = Path(output_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"output_dir is not a directory: {out}")
     out.mkdir(parents=True, exist_ok=True)
     train_path, val_path = out / "train.parquet", out / "val.parquet"
-    _write_parquet(train_rows, train_path)
-    _write_parquet(val_rows, val_path)
+    write_parquet(train_rows, train_path)
+    write_parquet(val_rows, val_path)
     return train_path, val_path
 
 
@@ -231,10 +263,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--train-size", type=int, default=2048, help="number of training problems")
     parser.add_argument("--val-size", type=int, default=128, help="number of held-out problems")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
+    parser.add_argument(
+        "--teacher-context",
+        choices=TEACHER_CONTEXTS,
+        default=None,
+        help="add a teacher_prompt column (for opd.teacher_prompt=column): the privileged teacher sees the "
+        "worked solution ('solution') or only the answer ('answer')",
+    )
     args = parser.parse_args(argv)
     try:
         train_path, val_path = write_arithmetic_dataset(
-            args.output_dir, args.train_size, args.val_size, args.seed
+            args.output_dir, args.train_size, args.val_size, args.seed, args.teacher_context
         )
     except ValueError as err:
         # Report through argparse so the message uses the CLI option names the user typed.

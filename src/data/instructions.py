@@ -13,7 +13,9 @@ dispatch (``rewards.dispatch``) keys its scorers on that data_source:
 
 GSM8K is graded numerically under all three (see ``rewards.gsm8k_reward``).
 This is the single place where math rows are built; ``data.prepare_grpo_data`` and
-``data.process_eval_data`` both call :func:`build_row`.
+``data.process_eval_data`` both call :func:`build_row`. A problem's worked solution, where its source
+has one, is kept in ``extra_info.solution``; with a teacher context (``--teacher-context``) every row
+also carries the privileged teacher's chat in a ``teacher_prompt`` column (``opd.teacher_prompts``).
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from typing import Any
+
+from opd.teacher_prompts import TEACHER_PROMPT_COLUMN, context_messages
 
 DATA_SOURCE_PREFIX = "opd/"
 VARIANT_SEPARATOR = "@"
@@ -53,6 +57,8 @@ class MathProblem:
     question: str
     answer: str
     source_id: str
+    solution: str | None = None
+    """The worked solution, where the source has one (MATH-500, AIME; GSM8K's text before ``####``)."""
 
 
 def check_variant(variant: str) -> str:
@@ -109,10 +115,21 @@ def detect_variant(prompt_text: str) -> str | None:
 
 
 def build_row(
-    problem: MathProblem, *, benchmark: str, variant: str, split: str, index: int, source_file: str
+    problem: MathProblem,
+    *,
+    benchmark: str,
+    variant: str,
+    split: str,
+    index: int,
+    source_file: str,
+    teacher_context: str | None = None,
 ) -> dict[str, Any]:
-    """One row of verl's RL parquet schema for ``problem``."""
-    return {
+    """One row of verl's RL parquet schema for ``problem``.
+
+    ``teacher_context`` ('solution' or 'answer', see ``opd.teacher_prompts.context_messages``) adds the
+    ``teacher_prompt`` column; None leaves it out.
+    """
+    row = {
         "data_source": data_source_name(benchmark, variant),
         "prompt": [{"role": "user", "content": apply_instruction(problem.question, variant)}],
         "ability": ABILITY,
@@ -126,3 +143,13 @@ def build_row(
             "source_file": source_file,
         },
     }
+    if problem.solution:
+        row["extra_info"]["solution"] = problem.solution
+    return with_teacher_prompt(row, teacher_context)
+
+
+def with_teacher_prompt(row: dict[str, Any], teacher_context: str | None) -> dict[str, Any]:
+    """``row`` with its ``teacher_prompt`` column for ``teacher_context``; unchanged when it is None."""
+    if teacher_context is not None:
+        row[TEACHER_PROMPT_COLUMN] = context_messages(row, teacher_context)
+    return row

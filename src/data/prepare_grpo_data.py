@@ -8,10 +8,15 @@ with rows built by ``data.instructions.build_row``:
   shuffled with ``--seed`` and cut at ``--train-ratio`` (the two splits share no question);
 * ``<output-dir>/<benchmark>.parquet`` for each of AIME 2024, AIME 2025, MATH-500 and GSM8K test found.
 
+``--teacher-context solution|answer`` gives every row of every file, validation included, a
+``teacher_prompt`` column for privileged-context distillation (``opd.teacher_prompt=column``): the
+worked solution where the source has one (GSM8K, MATH-500, AIME 2024), else the answer (DAPO).
+
 CLI::
 
     python -m data.prepare_grpo_data --data-dir data --output-dir data/grpo_processed/boxed \\
-        --train-ratio 0.95 --seed 42 --instruction-variant boxed|dapo|none [--dapo-file F] ...
+        --train-ratio 0.95 --seed 42 --instruction-variant boxed|dapo|none \\
+        [--teacher-context solution|answer] [--dapo-file F] ...
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from data.files import write_parquet
 from data.instructions import DEFAULT_VARIANT, MathProblem, check_variant
 from data.process_eval_data import (
     EVAL_SOURCES,
@@ -33,7 +39,6 @@ from data.process_eval_data import (
     output_dir,
     rows_for,
     write_benchmark_files,
-    write_parquet,
 )
 from data.sources import SOURCES, DataError, dedupe, expected_paths, load_problems, resolve_path
 
@@ -86,6 +91,7 @@ def prepare_grpo_data(
     seed: int = 42,
     variant: str = DEFAULT_VARIANT,
     files: Mapping[str, Path | None] | None = None,
+    teacher_context: str | None = None,
 ) -> PreparedData:
     """Write train/val and benchmark parquet files into ``output_dir``; see the module docstring."""
     check_variant(variant)
@@ -104,13 +110,19 @@ def prepare_grpo_data(
     )
     train, val = split_train_val(unique, train_ratio, seed)
     prepared = PreparedData(
-        train=write_parquet(rows_for(train, spec, variant, "train", path.name), output_dir / "train.parquet"),
-        val=write_parquet(rows_for(val, spec, variant, "val", path.name), output_dir / "val.parquet"),
+        train=write_parquet(
+            rows_for(train, spec, variant, "train", path.name, teacher_context), output_dir / "train.parquet"
+        ),
+        val=write_parquet(
+            rows_for(val, spec, variant, "val", path.name, teacher_context), output_dir / "val.parquet"
+        ),
         train_source=spec.benchmark,
         counts={"train": len(train), "val": len(val)},
     )
     LOG.info("train: %d rows -> %s; val: %d rows -> %s", len(train), prepared.train, len(val), prepared.val)
-    prepared.benchmarks = write_benchmark_files(data_dir, output_dir, variant, files, EVAL_SOURCES)
+    prepared.benchmarks = write_benchmark_files(
+        data_dir, output_dir, variant, files, EVAL_SOURCES, teacher_context=teacher_context
+    )
     return prepared
 
 
@@ -136,6 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             seed=args.seed,
             variant=args.instruction_variant,
             files=file_overrides(args, TRAIN_SOURCES + EVAL_SOURCES),
+            teacher_context=args.teacher_context,
         )
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)

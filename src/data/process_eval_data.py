@@ -5,13 +5,15 @@ Benchmarks: AIME 2024, AIME 2025, MATH-500 and GSM8K test. Each found file becom
 the layout ``scripts/eval/eval_math.sh`` reads with ``INSTRUCTION_VARIANT``. Prompts use the chosen
 instruction variant and a data_source whose reward agrees with it (see ``data.instructions``); a
 benchmark whose file is absent is skipped with a message. Rows are built by
-``data.instructions.build_row``, the same code as the training data.
+``data.instructions.build_row``, the same code as the training data. ``--teacher-context
+solution|answer`` adds a ``teacher_prompt`` column to every row (privileged-context distillation,
+``opd.teacher_prompt=column``): the worked solution where the benchmark has one, else the answer.
 
 CLI::
 
     python -m data.process_eval_data --data-dir data --output-dir data/eval_processed/boxed \\
-        --instruction-variant boxed [--aime2024-file F] [--aime2025-file F] [--math500-file F] \\
-        [--gsm8k-file F]
+        --instruction-variant boxed [--teacher-context solution|answer] [--aime2024-file F] \\
+        [--aime2025-file F] [--math500-file F] [--gsm8k-file F]
 """
 
 from __future__ import annotations
@@ -23,8 +25,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from data.files import write_parquet
 from data.instructions import DEFAULT_VARIANT, INSTRUCTION_VARIANTS, MathProblem, build_row, check_variant
 from data.sources import SOURCES, DataError, SourceSpec, expected_paths, load_problems, resolve_path
+from opd.teacher_prompts import TEACHER_CONTEXTS
 
 LOG = logging.getLogger(__name__)
 EVAL_SOURCES = ("aime2024", "aime2025", "math500", "gsm8k")
@@ -41,23 +45,27 @@ FILE_FLAGS = {
 
 
 def rows_for(
-    problems: Sequence[MathProblem], spec: SourceSpec, variant: str, split: str, source_file: str
+    problems: Sequence[MathProblem],
+    spec: SourceSpec,
+    variant: str,
+    split: str,
+    source_file: str,
+    teacher_context: str | None = None,
 ) -> list[dict[str, Any]]:
-    """verl rows for ``problems`` of ``spec`` in ``split``, indexed from 0."""
+    """verl rows for ``problems`` of ``spec`` in ``split``, indexed from 0 (``teacher_prompt`` column
+    for ``teacher_context``, see ``data.instructions.build_row``)."""
     return [
-        build_row(p, benchmark=spec.benchmark, variant=variant, split=split, index=i, source_file=source_file)
+        build_row(
+            p,
+            benchmark=spec.benchmark,
+            variant=variant,
+            split=split,
+            index=i,
+            source_file=source_file,
+            teacher_context=teacher_context,
+        )
         for i, p in enumerate(problems)
     ]
-
-
-def write_parquet(rows: Sequence[dict[str, Any]], path: Path) -> Path:
-    """Write ``rows`` to ``path`` (parent folders created) and return it."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(list(rows)), path)
-    return path
 
 
 def write_benchmark_files(
@@ -66,6 +74,7 @@ def write_benchmark_files(
     variant: str = DEFAULT_VARIANT,
     files: Mapping[str, Path | None] | None = None,
     source_keys: Sequence[str] = EVAL_SOURCES,
+    teacher_context: str | None = None,
 ) -> dict[str, Path]:
     """Write ``<benchmark>.parquet`` for every benchmark found; return {benchmark: path}.
 
@@ -82,7 +91,7 @@ def write_benchmark_files(
             LOG.info("skip %s: not found at %s", spec.label, expected_paths(spec, data_dir))
             continue
         problems, dropped = load_problems(spec, path)
-        rows = rows_for(problems, spec, variant, "test", path.name)
+        rows = rows_for(problems, spec, variant, "test", path.name, teacher_context)
         written[spec.benchmark] = write_parquet(rows, output_dir / f"{spec.benchmark}.parquet")
         LOG.info(
             "%s: %d rows from %s -> %s (data_source %s%s)",
@@ -112,6 +121,13 @@ def add_common_arguments(
         choices=INSTRUCTION_VARIANTS,
         default=DEFAULT_VARIANT,
         help="answer format the prompts ask for (selects the matching reward through data_source)",
+    )
+    parser.add_argument(
+        "--teacher-context",
+        choices=TEACHER_CONTEXTS,
+        default=None,
+        help="add a teacher_prompt column (for opd.teacher_prompt=column): the privileged teacher sees the "
+        "worked solution where the data set has one, else the answer ('solution'), or the answer only",
     )
     for key in source_keys:
         spec = SOURCES[key]
@@ -149,7 +165,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = output_dir(args, DEFAULT_OUTPUT)
     try:
         written = write_benchmark_files(
-            args.data_dir, out, args.instruction_variant, file_overrides(args, EVAL_SOURCES)
+            args.data_dir,
+            out,
+            args.instruction_variant,
+            file_overrides(args, EVAL_SOURCES),
+            teacher_context=args.teacher_context,
         )
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -5,7 +5,8 @@ Solution/Answer`` on the hub and ``id/problem/answer`` in evaluation repos; DAPO
 problem inside chat messages and the answer inside ``reward_model``). Columns are therefore chosen
 from a short candidate list, matched case-insensitively, and accepted only if their content fits:
 a question is text of some length, an answer is short (a worked solution is rejected) and GSM8K's
-``... #### 18`` answers are cut after ``####``.
+``... #### 18`` answers are cut after ``####``. The worked solution is kept where there is one: a
+``solution`` column (MATH-500, AIME 2024), or GSM8K's text before ``####``.
 """
 
 from __future__ import annotations
@@ -31,8 +32,11 @@ ANSWER_COLUMNS = (
     "solution",
 )
 ID_COLUMNS = ("id", "unique_id", "problem_id", "idx", "uid", "extra_info")
+SOLUTION_COLUMNS = ("solution",)
 
 _GROUPED_NUMBER = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
+# GSM8K's calculator annotations, "48/2 = <<48/2=24>>24": machine hints, not part of the solution text.
+_CALCULATOR_ANNOTATION = re.compile(r"<<[^<>]*>>")
 _SAMPLE_ROWS = 200
 _MIN_QUESTION_CHARS = 10
 # Final answers are short (MATH-500's longest is a 53-character matrix); worked solutions are not.
@@ -150,6 +154,18 @@ def as_answer(value: Any) -> str | None:
     return value.strip() or None
 
 
+def as_solution(value: Any, *, answer_cell: bool = False) -> str | None:
+    """Worked solution of a cell: text of a solution column, or GSM8K's text before ``####`` in an
+    answer cell (``answer_cell=True``; other answer cells hold no solution)."""
+    if not isinstance(value, str):
+        return None
+    if answer_cell:
+        if "####" not in value:
+            return None
+        value = _CALCULATOR_ANNOTATION.sub("", value.rsplit("####", 1)[0])
+    return value.strip() or None
+
+
 def as_source_id(value: Any) -> str | None:
     """Id of a cell: a scalar, or ``index``/``id`` of a dict (DAPO keeps it in ``extra_info``)."""
     if isinstance(value, dict):
@@ -175,6 +191,10 @@ def _answer_problem(values: list[Any]) -> str | None:
     if statistics.median(len(a) for a in answers if a) > _MAX_MEDIAN_ANSWER_CHARS:
         return "looks like worked solutions, not final answers"
     return None
+
+
+def _solution_problem(values: list[Any]) -> str | None:
+    return None if any(isinstance(v, str) and v.strip() for v in values) else "holds no text"
 
 
 def _id_problem(values: list[Any]) -> str | None:
@@ -243,6 +263,9 @@ def load_problems(spec: SourceSpec, path: Path) -> tuple[list[MathProblem], int]
         records, "answer", ANSWER_COLUMNS, _answer_problem, where, exclude=[question_col]
     )
     id_col, _ = detect_column(records, ID_COLUMNS, _id_problem)
+    solution_col, _ = detect_column(
+        records, SOLUTION_COLUMNS, _solution_problem, exclude=[question_col, answer_col]
+    )
     problems: list[MathProblem] = []
     dropped = 0
     for row_number, record in enumerate(records):
@@ -251,7 +274,14 @@ def load_problems(spec: SourceSpec, path: Path) -> tuple[list[MathProblem], int]
             dropped += 1
             continue
         source_id = as_source_id(record.get(id_col)) if id_col else None
-        problems.append(MathProblem(question, answer, source_id or f"{spec.benchmark}-{row_number}"))
+        solution = (
+            as_solution(record.get(solution_col))
+            if solution_col
+            else as_solution(record.get(answer_col), answer_cell=True)
+        )
+        problems.append(
+            MathProblem(question, answer, source_id or f"{spec.benchmark}-{row_number}", solution)
+        )
     return problems, dropped
 
 

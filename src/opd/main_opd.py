@@ -8,11 +8,14 @@ no GPU is present, then runs verl's V1 task runner with ``trainer.v1.trainer_mod
 from __future__ import annotations
 
 import os
+import sys
 
 import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from common.verl_surface import VerlSurfaceError, check_verl_surface
 from opd.config import OPDConfig, OPDConfigError
+from opd.input_checks import check_inputs, check_override_keys, data_paths
 from opd.pairing import check_pairing
 from opd.pg_losses import TOKEN_LEVEL_POLICY_LOSSES
 
@@ -29,6 +32,7 @@ def validate_before_launch(config: DictConfig) -> OPDConfig:
     student_path = os.path.expanduser(str(config.actor_rollout_ref.model.path))
     if not os.path.isdir(student_path):
         raise OPDConfigError(f"actor_rollout_ref.model.path: no such folder: {student_path} (MODEL_PATH)")
+    check_inputs(config, opd_config, student_path, os.path.expanduser(opd_config.teacher_model_path))
     check_pairing(student_path, os.path.expanduser(opd_config.teacher_model_path))
     _reject_unsupported(config)
     _check_objective_needs(config, opd_config)
@@ -52,13 +56,9 @@ def _default_reward_function(config: DictConfig) -> None:
         reward_fn.path = "pkg://rewards.dispatch"
         reward_fn.name = "compute_score"
     try:
-        check_reward_agreement([*_as_list(config.data.train_files), *_as_list(config.data.val_files)])
+        check_reward_agreement([*data_paths(config.data.train_files), *data_paths(config.data.val_files)])
     except (ValueError, FileNotFoundError) as error:
         raise OPDConfigError(f"data.train_files / data.val_files: {error}") from None
-
-
-def _as_list(files) -> list[str]:
-    return [str(files)] if isinstance(files, str) else [str(f) for f in files]
 
 
 def _reject_unsupported(config: DictConfig) -> None:
@@ -129,6 +129,11 @@ def prepare(config: DictConfig) -> OPDConfig:
 
 @hydra.main(config_path="config", config_name="opd_trainer", version_base=None)
 def main(config: DictConfig) -> None:
+    # first, so a verl other than the pinned one stops here with the missing names, not in a worker
+    try:
+        check_verl_surface()
+    except VerlSurfaceError as error:
+        raise SystemExit(f"opd: {error}") from None
     from verl.trainer.main_ppo import TaskRunnerV1, run_ppo
     from verl.trainer.ppo.utils import need_critic, need_reference_policy
     from verl.utils.config import validate_config
@@ -144,4 +149,9 @@ def main(config: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    # before hydra, which would answer a misspelt opd key with advice to append it
+    try:
+        check_override_keys(sys.argv[1:])
+    except OPDConfigError as error:
+        raise SystemExit(f"opd: configuration error: {error}") from None
     main()

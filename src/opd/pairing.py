@@ -15,6 +15,10 @@ from opd.config import OPDConfigError
 
 logger = logging.getLogger(__name__)
 
+# How messages name the two model folders: the config key and the variable of train_opd.sh.
+STUDENT = "actor_rollout_ref.model.path (MODEL_PATH)"
+TEACHER = "opd.teacher_model_path (TEACHER_MODEL_PATH)"
+
 
 @dataclass(frozen=True)
 class VocabPairing:
@@ -41,17 +45,16 @@ def check_pairing(student_path: str, teacher_path: str) -> VocabPairing:
     Reads tokenizer files and ``config.json`` only, never weights, so it is cheap enough to run
     before Ray or any model starts.
     """
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig
 
-    student_tok = AutoTokenizer.from_pretrained(student_path)
-    teacher_tok = AutoTokenizer.from_pretrained(teacher_path)
+    student_tok, teacher_tok = _tokenizer(student_path, STUDENT), _tokenizer(teacher_path, TEACHER)
     student_vocab, teacher_vocab = student_tok.get_vocab(), teacher_tok.get_vocab()
     _check_same_ids(student_vocab, teacher_vocab)
     _check_special_tokens(student_tok, teacher_tok)
     _warn_on_chat_template(student_tok, teacher_tok)
 
-    student_rows = _output_rows(AutoConfig.from_pretrained(student_path), student_path)
-    teacher_rows = _output_rows(AutoConfig.from_pretrained(teacher_path), teacher_path)
+    student_rows = output_rows(AutoConfig.from_pretrained(student_path), student_path)
+    teacher_rows = output_rows(AutoConfig.from_pretrained(teacher_path), teacher_path)
     pairing = VocabPairing(len(teacher_vocab), student_rows, teacher_rows)
     highest_id = max(teacher_vocab.values())
     if highest_id >= pairing.shared_rows:
@@ -60,6 +63,18 @@ def check_pairing(student_path: str, teacher_path: str) -> VocabPairing:
             f"share only {pairing.shared_rows} rows (student {student_rows}, teacher {teacher_rows})"
         )
     return pairing
+
+
+def _tokenizer(path: str, what: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    # broken tokenizer files surface as anything from a JSON error to the Rust library's bare Exception
+    except Exception as error:
+        raise OPDConfigError(
+            f"{what} {path}: the tokenizer cannot be read ({type(error).__name__}: {error})"
+        ) from None
 
 
 def _check_same_ids(student_vocab: dict[str, int], teacher_vocab: dict[str, int]) -> None:
@@ -100,7 +115,8 @@ def _warn_on_chat_template(student_tok, teacher_tok) -> None:
         )
 
 
-def _output_rows(hf_config, path: str) -> int:
+def output_rows(hf_config, path: str) -> int:
+    """Rows of the output head of the model whose ``config.json`` (at ``path``) gave ``hf_config``."""
     text_config = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
     rows = getattr(text_config, "vocab_size", None)
     if not rows:

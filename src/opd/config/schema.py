@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
 import os
+import types
+import typing
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +42,15 @@ class OPDConfig:
     topk: int = 64
     """Teacher entries per token kept for ``forward_kl_topk`` (plus one tail bucket for the rest)."""
 
+    teacher_signal: str | None = None
+    """What the teacher phase caches per response token; null = the objective's own. The full-vocabulary
+    divergences read 'hidden' (the teacher's final hidden states, 2*H bytes per token; the loss rebuilds its
+    exact logits with its output head, kept on the device) or 'full' (its bf16 logits, 2*V bytes per token);
+    null gives 'hidden' where the teacher's output head is a plain linear map and 'full', with the reason
+    logged, where it is not (``opd.teacher.choose_signal``). forward_kl_topk reads 'topk', the policy-gradient
+    objectives 'sampled'. Once built, the field holds the objective's signal ('full' for an unset
+    full-vocabulary divergence, until the teacher is known), ``teacher_signal_given`` whether it was set."""
+
     paced_switch_step: int = 1
     """``forward_then_reverse_kl``: first training step that puts weight on reverse KL."""
 
@@ -44,11 +58,14 @@ class OPDConfig:
     """``forward_then_reverse_kl``: steps over which the weight rises from 0 to 1 (0 = hard switch)."""
 
     iw_opd_gamma: float = 0.5
-    """``iw_opd``: amplification of the prefix importance weights, w_t ~ exp(-gamma * D_{<t}) with D the
-    accumulated teacher-student log-ratio of the prefix; 0 gives uniform weights."""
+    """``iw_opd``: amplification of the prefix weights w_t = 1 + gamma * (1 - S_{<t} / max(S, epsilon)), with
+    S_{<t} the sum of |A_k| = |q_k - r_k| (teacher minus rollout log-prob of the sampled token) over the
+    strict prefix k < t of the response and S its total; weights lie in [1, 1 + gamma], 0 gives uniform
+    weights."""
 
     iw_opd_epsilon: float = 1e-8
-    """``iw_opd``: stabiliser added to the denominator when the prefix weights are normalised to mean 1."""
+    """``iw_opd``: floor of the response's discrepancy total S in the prefix weights (the max(S, epsilon)
+    above), so a response the teacher fully agrees with does not divide by zero."""
 
     tip_keep_fraction: float = 1.0
     """TIP token selection: fraction of each response's loss tokens kept, ranked by ``tip_score``
@@ -91,11 +108,29 @@ class OPDConfig:
     val_seed: int = 1234
     """Sampling seed of the held-out evaluation, fixed so before/after numbers are comparable."""
 
+    teacher_prompt: str = "same"
+    """What the teacher reads before the student's response (module ``opd.teacher_prompts``): 'same' (the
+    student's prompt), 'column' (each row's ``teacher_prompt`` column of chat messages, written by data
+    preparation with ``--teacher-context``) or 'template' (the student's last user message rewritten by
+    ``teacher_prompt_template``). Privileged context: with the teacher = the student's initial weights, it
+    sees the reference answer or solution; both score the same response."""
+
+    teacher_prompt_template: str | None = None
+    """'template' mode: text of the teacher's last user message with ``{prompt}`` (the student's message,
+    required), ``{answer}`` (reward_model.ground_truth) and ``{solution}`` (extra_info.solution); literal
+    braces doubled. Null = ``opd.teacher_prompts.DEFAULT_TEMPLATE`` (the answer, to be reasoned to)."""
+
     plot: bool = True
     """Write a PNG of the training curves into the run's output folder at the end."""
 
     extra: dict[str, Any] = field(default_factory=dict)
     """Free-form settings for losses registered outside this project."""
+
+    def __post_init__(self) -> None:
+        # readers see the signal family the objective reads; only an unset one may still become 'hidden'
+        self.teacher_signal_given = self.teacher_signal is not None
+        if self.teacher_signal is None:
+            self.teacher_signal = self.objective_signal
 
     def validate(self) -> OPDConfig:
         """Raise :class:`OPDConfigError` naming the first bad key; return self for chaining."""
@@ -103,6 +138,7 @@ class OPDConfig:
         from opd.pg_losses import PG_OBJECTIVES
         from opd.topk_losses import TOPK_LOSS
 
+        self._validate_types()
         if not self.teacher_model_path:
             raise OPDConfigError("opd.teacher_model_path is required (set TEACHER_MODEL_PATH)")
         if not os.path.isdir(os.path.expanduser(self.teacher_model_path)):
@@ -112,6 +148,7 @@ class OPDConfig:
             raise OPDConfigError(
                 f"opd.loss_type: unknown loss {self.loss_type!r}; choose one of {known_losses}"
             )
+        self._validate_teacher_signal()
         if not 0.0 < self.beta < 1.0:
             raise OPDConfigError(f"opd.beta must be strictly between 0 and 1, got {self.beta}")
         if not 0.0 <= self.skew_alpha < 1.0:
@@ -134,7 +171,28 @@ class OPDConfig:
         if self.val_num_prompts < 0:
             raise OPDConfigError(f"opd.val_num_prompts must be >= 0, got {self.val_num_prompts}")
         _require_positive("opd.val_max_new_tokens", self.val_max_new_tokens)
+        self._validate_teacher_prompt()
         return self
+
+    def _validate_types(self) -> None:
+        # hydra hands over whatever the override spelt (opd.topk=abc is the string 'abc'): refuse it here,
+        # not as a TypeError in a comparison or, worse, a silently wrong value in a worker
+        hints = typing.get_type_hints(type(self))
+        for item in dataclasses.fields(self):
+            value = getattr(self, item.name)
+            expected = _type_problem(value, hints[item.name])
+            if expected:
+                raise OPDConfigError(
+                    f"opd.{item.name} must be {expected}, got {value!r} ({type(value).__name__})"
+                )
+
+    def _validate_teacher_signal(self) -> None:
+        signals = ("hidden", "full") if self.objective_signal == "full" else (self.objective_signal,)
+        if self.teacher_signal not in signals:
+            raise OPDConfigError(
+                f"opd.teacher_signal={self.teacher_signal!r} does not fit opd.loss_type={self.loss_type}, "
+                f"which reads {' or '.join(map(repr, signals))}; leave it unset for the objective's own"
+            )
 
     def _validate_objective_mix(self) -> None:
         if self.iw_opd_gamma < 0:
@@ -153,10 +211,29 @@ class OPDConfig:
                 "(turn the task loss off only with a distillation loss on)"
             )
 
+    def _validate_teacher_prompt(self) -> None:
+        from opd.teacher_prompts import TEACHER_PROMPT_MODES, TeacherPromptError, template_placeholders
+
+        if self.teacher_prompt not in TEACHER_PROMPT_MODES:
+            raise OPDConfigError(
+                f"opd.teacher_prompt must be one of {TEACHER_PROMPT_MODES}, got {self.teacher_prompt!r}"
+            )
+        if self.teacher_prompt_template is None:
+            return
+        if self.teacher_prompt != "template":
+            raise OPDConfigError(
+                "opd.teacher_prompt_template is set but unused: it needs opd.teacher_prompt=template "
+                f"(got {self.teacher_prompt!r})"
+            )
+        try:
+            template_placeholders(self.teacher_prompt_template)
+        except TeacherPromptError as error:
+            raise OPDConfigError(f"opd.teacher_prompt_template: {error}") from None
+
     @property
-    def teacher_signal(self) -> str:
-        """The teacher signal the objective needs: 'topk' (top-k loss), 'sampled' (policy-gradient
-        objectives) or 'full' (full-vocabulary divergences)."""
+    def objective_signal(self) -> str:
+        """The teacher signal family the objective reads: 'topk' (top-k loss), 'sampled' (policy-gradient
+        objectives) or 'full' (full-vocabulary divergences, whose logits may also come as 'hidden')."""
         from opd.pg_losses import PG_OBJECTIVES
         from opd.topk_losses import TOPK_LOSS
 
@@ -173,6 +250,14 @@ class OPDConfig:
                 "opd.loss_type=iw_opd compares the teacher with the rollout log-probs, taken at "
                 f"actor_rollout_ref.rollout.temperature={rollout_temperature}; set opd.temperature to the "
                 f"same value (got {self.temperature})"
+            )
+
+    def check_rollout_n(self, rollout_n: int) -> None:
+        """PACED pass rates need several samples per prompt: with one, every weight p(1-p) is 0."""
+        if self.pass_rate_weighting and rollout_n < 2:
+            raise OPDConfigError(
+                "opd.pass_rate_weighting=true needs actor_rollout_ref.rollout.n >= 2 (ROLLOUT_N), got "
+                f"{rollout_n}: with one sample per prompt every pass rate is 0 or 1 and every weight is 0"
             )
 
     @property
@@ -192,11 +277,57 @@ class OPDConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> OPDConfig:
         """Build from a plain mapping, rejecting keys this dataclass does not know."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise OPDConfigError(f"unknown key(s) opd.{', opd.'.join(unknown)}; known keys: {sorted(known)}")
+        cls.check_keys(values)
         return cls(**values)
+
+    @classmethod
+    def check_keys(cls, keys: Iterable[str]) -> None:
+        """Raise :class:`OPDConfigError` naming each unknown key (given without ``opd.``) and its nearest."""
+        known = sorted(f.name for f in dataclasses.fields(cls))
+        unknown = sorted(set(keys) - set(known))
+        if unknown:
+            named = [f"opd.{key}{_suggestion(key, known)}" for key in unknown]
+            raise OPDConfigError(f"unknown key(s) {', '.join(named)}; known keys: {known}")
+
+
+def _suggestion(key: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(key, known, n=1)
+    return f" (did you mean opd.{close[0]}?)" if close else ""
+
+
+# How the error message names each annotated type.
+_TYPE_WORDS = {
+    bool: "true or false",
+    int: "a whole number",
+    float: "a finite number",
+    str: "a string",
+    dict: "a mapping",
+    type(None): "null",
+}
+
+
+def _type_problem(value: Any, hint: Any) -> str | None:
+    """None when ``value`` fits the annotation ``hint``; otherwise what was expected, in words."""
+    kinds = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    if any(_fits(value, kind) for kind in kinds):
+        return None
+    return " or ".join(_TYPE_WORDS.get(kind, str(kind)) for kind in map(_origin, kinds))
+
+
+def _origin(kind: Any) -> Any:
+    return typing.get_origin(kind) or kind
+
+
+def _fits(value: Any, kind: Any) -> bool:
+    kind = _origin(kind)
+    if not isinstance(kind, type):
+        return True
+    if isinstance(value, bool):
+        # a bool is an int to Python, but true is never a count or a weight
+        return kind is bool
+    if kind is float:
+        return isinstance(value, int | float) and math.isfinite(value)
+    return isinstance(value, kind)
 
 
 def _require_positive(key: str, value: float) -> None:
