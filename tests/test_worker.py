@@ -251,3 +251,62 @@ def test_each_mini_batch_steps_on_its_own_gradient(models):
     for name, grad in alone[0].items():
         torch.testing.assert_close(steps[1][name], grad, rtol=1e-5, atol=1e-7, msg=name)
     assert any(not torch.equal(steps[0][k], steps[1][k]) for k in steps[0])
+
+
+def _chat_rollout(student_dir: str, seed: int):
+    """Rollout samples whose prompt ids are the templated ``raw_prompt``, with the dataset's columns."""
+    import numpy as np
+    from transformers import AutoTokenizer
+    from verl.utils import tensordict_utils as tu
+
+    from common.batch import chat_prompt_ids
+
+    tokenizer = AutoTokenizer.from_pretrained(student_dir)
+    data = rollout_batch(4, seed=seed)
+    messages = np.empty(4, dtype=object)
+    for row in range(4):
+        messages[row] = [{"role": "user", "content": f"What is {row} + {row + 2}?"}]
+    prompts = [torch.tensor(chat_prompt_ids(tokenizer, m)) for m in messages]
+    fields = {key: data[key] for key in ("responses", "response_mask", "opd_sample_weight")}
+    fields["prompts"] = torch.nested.as_nested_tensor(prompts, layout=torch.jagged)
+    answers = np.array([{"ground_truth": str(2 * row + 2)} for row in range(4)], dtype=object)
+    out = tu.get_tensordict(
+        tensor_dict=fields,
+        non_tensor_dict={"raw_prompt": messages, "teacher_prompt": messages.copy(), "reward_model": answers},
+    )
+    tu.assign_non_tensor(out, mini_batch_size=4)
+    return out
+
+
+def _student_inputs(worker) -> list[torch.Tensor]:
+    seen = []
+    worker.student.module.register_forward_pre_hook(
+        lambda _module, args, kwargs: seen.append(kwargs["input_ids"].clone()), with_kwargs=True
+    )
+    return seen
+
+
+def test_teacher_prompt_equal_to_the_students_gives_zero_divergence(models):
+    student, _ = models
+    worker = tiny_worker(student, student, "opd.teacher_prompt=column")
+    metrics = worker.update_actor(_chat_rollout(student, seed=40))["metrics"]
+    assert abs(metrics["opd/loss"]) < 1e-5 and metrics["opd/grad_norm"] < 1e-3
+
+
+def test_privileged_prompt_changes_the_teacher_signal_and_nothing_of_the_student(models):
+    student, _ = models
+    lr0 = "actor_rollout_ref.actor.optim.lr=0"
+    runs = {}
+    for mode in ("same", "template"):
+        worker = tiny_worker(student, student, lr0, f"opd.teacher_prompt={mode}")
+        inputs = _student_inputs(worker)
+        runs[mode] = (worker.update_actor(_chat_rollout(student, seed=41))["metrics"], inputs)
+    (same, same_inputs), (privileged, privileged_inputs) = runs["same"], runs["template"]
+    assert abs(same["opd/loss"]) < 1e-5
+    # the teacher read the answer-bearing prompt: its signal, and so the loss, moved
+    assert privileged["opd/loss"] > 1e-4
+    assert privileged["opd/teacher_nll"] != pytest.approx(same["opd/teacher_nll"], rel=1e-4)
+    # the student saw exactly the same tokens, and scored them the same
+    assert len(same_inputs) == len(privileged_inputs)
+    assert all(torch.equal(a, b) for a, b in zip(same_inputs, privileged_inputs, strict=True))
+    assert privileged["opd/student_entropy"] == pytest.approx(same["opd/student_entropy"], rel=1e-6)

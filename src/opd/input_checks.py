@@ -60,7 +60,22 @@ def check_inputs(config, opd_config: OPDConfig, student_path: str, teacher_path:
         # verl copies an hdfs:// file to local disk itself, after Ray starts: only local files are read here
         for path in (p for p in data_paths(config.data[key]) if "://" not in p):
             check_data_file(path, what, prompt_key)
+            _check_teacher_prompts(path, opd_config, prompt_key)
     check_run_dir(config.trainer, student)
+
+
+def _check_teacher_prompts(path: str, opd_config: OPDConfig, prompt_key: str) -> None:
+    """Every row must carry what ``opd.teacher_prompt`` builds the teacher's prompt from."""
+    from opd.teacher_prompts import TeacherPromptError, check_teacher_prompts
+
+    if opd_config.teacher_prompt == "same":
+        return
+    try:
+        check_teacher_prompts(
+            path, opd_config.teacher_prompt, opd_config.teacher_prompt_template, prompt_key=prompt_key
+        )
+    except TeacherPromptError as error:
+        raise OPDConfigError(f"opd.teacher_prompt={opd_config.teacher_prompt}: {error}") from None
 
 
 def check_override_keys(argv: Sequence[str]) -> None:

@@ -26,6 +26,9 @@ _EXTERNAL_MODULES = ("opd.trainer",)
 def validate_before_launch(config: DictConfig) -> OPDConfig:
     """Check the ``opd`` block, the model paths and the unsupported verl switches; fill derived keys."""
     with open_dict(config):
+        # the worker templates teacher prompts exactly as the dataset templated the student's
+        template_kwargs = config.data.get("apply_chat_template_kwargs", {})
+        config.actor_rollout_ref.apply_chat_template_kwargs = template_kwargs
         if config.opd.get("max_length") is None:
             config.opd.max_length = int(config.data.max_prompt_length) + int(config.data.max_response_length)
     opd_config = OPDConfig.from_dict(OmegaConf.to_container(config.opd, resolve=True)).validate()

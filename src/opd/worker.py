@@ -27,6 +27,7 @@ from opd.evaluation import evaluate_held_out
 from opd.objectives import ObjectiveContext
 from opd.student import train_student_step
 from opd.teacher import SignalSpec, build_teacher_engine, run_teacher_phase
+from opd.teacher_prompts import TEACHER_PROMPT_COLUMN, teacher_messages, tokenize_teacher_prompts
 
 
 class OPDActorRolloutWorker(ActorRolloutRefWorker):
@@ -87,8 +88,12 @@ class OPDActorRolloutWorker(ActorRolloutRefWorker):
         steps = self._plan_steps(batch, global_mini_batch_size)
         micro_batches = [mb for step_mbs in steps for mb in step_mbs]
         with phase_meter() as teacher_phase:
+            # the teacher reads its own prompt (privileged context) followed by the student's response
             cache = run_teacher_phase(
-                self.teacher, micro_batches, pad_token_id=self.pad_token_id, spec=self.signal_spec
+                self.teacher,
+                [mb.teacher_view() for mb in micro_batches],
+                pad_token_id=self.pad_token_id,
+                spec=self.signal_spec,
             )
         with phase_meter() as student_phase:
             metrics = self._student_phase(steps, iter(cache.signals), step)
@@ -156,10 +161,25 @@ class OPDActorRolloutWorker(ActorRolloutRefWorker):
             prompts=list(data["prompts"].unbind()) if has_prompts else None,
             raw_prompts=None if has_prompts else list(data["raw_prompt"]),
             tokenizer=self.student.model_config.tokenizer,
+            teacher_prompts=self._teacher_prompts(data),
             max_length=self.opd_config.max_length,
             overlength=self.opd_config.overlength,
             sample_weights=weights,
         )
+
+    def _teacher_prompts(self, data: TensorDict) -> list[torch.Tensor] | None:
+        """The teacher's prompt ids per sample (``opd.teacher_prompt``); None when it reads the student's."""
+        mode = self.opd_config.teacher_prompt
+        if mode == "same":
+            return None
+        fields = (TEACHER_PROMPT_COLUMN, "reward_model", "extra_info")
+        columns = {k: list(data[k]) for k in fields if k in data.keys()}
+        columns["prompt"] = list(data["raw_prompt"])
+        rows = [dict(zip(columns, values, strict=True)) for values in zip(*columns.values(), strict=True)]
+        template = self.opd_config.teacher_prompt_template
+        messages = [teacher_messages(row, mode, template, index=i) for i, row in enumerate(rows)]
+        template_kwargs = dict(self.config.get("apply_chat_template_kwargs") or {})
+        return tokenize_teacher_prompts(self.teacher.model_config.tokenizer, messages, template_kwargs)
 
     def _plan_steps(self, batch: OPDBatch, global_mini_batch_size: int) -> list[list[OPDBatch]]:
         """Mini-batches (one optimizer step each) of micro-batches, equal in count on every rank."""
