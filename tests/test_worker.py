@@ -310,3 +310,42 @@ def test_privileged_prompt_changes_the_teacher_signal_and_nothing_of_the_student
     assert len(same_inputs) == len(privileged_inputs)
     assert all(torch.equal(a, b) for a, b in zip(same_inputs, privileged_inputs, strict=True))
     assert privileged["opd/student_entropy"] == pytest.approx(same["opd/student_entropy"], rel=1e-6)
+
+
+def test_teacher_signal_at_tool_tokens_never_reaches_the_student(models, monkeypatch):
+    """Tool tokens (response_mask 0) are outside the loss: scrambling the teacher's signal there leaves
+    every student gradient bit-identical."""
+    import dataclasses
+
+    import opd.worker
+
+    student, teacher = models
+    data = rollout_batch(4, seed=50)  # tokens 2 and 3 of every response are tool output
+    real_phase = opd.worker.run_teacher_phase
+
+    def scrambled_phase(engine, micro_batches, **kwargs):
+        cache = real_phase(engine, micro_batches, **kwargs)
+        generator = torch.Generator().manual_seed(0)
+        for micro_batch, signal in zip(micro_batches, cache.signals, strict=True):
+            tool = torch.cat(micro_batch.loss_mask) == 0
+            assert tool.any()
+            for field in dataclasses.fields(signal):
+                value = getattr(signal, field.name)
+                if (
+                    isinstance(value, torch.Tensor)
+                    and value.is_floating_point()
+                    and value.shape[:1] == tool.shape
+                ):
+                    noise = torch.randn(value[tool].shape, generator=generator).to(value.dtype)
+                    value[tool] = value[tool] + 10 * noise
+        return cache
+
+    clean = _gradients_at_each_step(tiny_worker(student, teacher, "actor_rollout_ref.actor.optim.lr=0"), data)
+    monkeypatch.setattr(opd.worker, "run_teacher_phase", scrambled_phase)
+    scrambled = _gradients_at_each_step(
+        tiny_worker(student, teacher, "actor_rollout_ref.actor.optim.lr=0"), data
+    )
+    assert len(clean) == len(scrambled) == 1
+    for name, grad in clean[0].items():
+        assert torch.equal(grad, scrambled[0][name]), name
+    assert any(grad.abs().sum() > 0 for grad in clean[0].values())
