@@ -142,6 +142,11 @@ resolve_model_pair() {
     paths="$("$OPD_PYTHON" -m common.embedded_models)" || die "could not prepare the embedded default models"
     MODEL_PATH="$(sed -n 1p <<<"$paths")"
     TEACHER_MODEL_PATH="$(sed -n 2p <<<"$paths")"
+    if [[ -n "${OPD_TEACHER_PROMPT:-}" && "$OPD_TEACHER_PROMPT" != same ]]; then
+      # privileged self-distillation: the full model is both the student and its own privileged teacher
+      log "OPD_TEACHER_PROMPT=$OPD_TEACHER_PROMPT: self-distillation of the full embedded model"
+      MODEL_PATH="$TEACHER_MODEL_PATH"
+    fi
     OPD_EMBEDDED_DEFAULT=1
   elif [[ -z "${MODEL_PATH:-}" ]]; then
     die "TEACHER_MODEL_PATH is set but MODEL_PATH (the student) is not: set both, or neither for the embedded default"

@@ -50,5 +50,7 @@ run_opd() {
     opd.topk="$OPD_TOPK" \
     opd.tip_keep_fraction="$OPD_TIP_KEEP_FRACTION" \
     opd.task_loss_coef="$OPD_TASK_LOSS_COEF" \
+    ${OPD_TEACHER_PROMPT:+opd.teacher_prompt="$OPD_TEACHER_PROMPT"} \
+    ${OPD_TEACHER_PROMPT_TEMPLATE:+opd.teacher_prompt_template="$OPD_TEACHER_PROMPT_TEMPLATE"} \
     "$@"
 }
