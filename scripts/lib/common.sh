@@ -22,7 +22,7 @@ setup_profile() {
 # What the environment was built from: a change to any of these means it is stale.
 setup_fingerprint() {
   cat "$OPD_ROOT/pyproject.toml" "$OPD_ROOT/scripts/opd/setup_opd.sh" "$OPD_ROOT/scripts/lib/common.sh" \
-    | sha256sum | cut -c1-16
+    "$OPD_ROOT/requirements/$(setup_profile).lock" | sha256sum | cut -c1-16
   setup_profile
 }
 
