@@ -45,6 +45,50 @@ def _trained_model(actor_dir):
     return model.eval()
 
 
+def _shard(actor_dir, kind: str) -> dict:
+    from torch.distributed.tensor import DTensor
+
+    path = os.path.join(actor_dir, f"{kind}_world_size_1_rank_0.pt")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if kind == "model":
+        return {k: (v.to_local() if isinstance(v, DTensor) else v).float() for k, v in state.items()}
+    return state
+
+
+def check_step_continues(before_dir, after_dir, initial_dir) -> None:
+    """The step saved in ``after_dir`` was taken from exactly the weights and optimizer in ``before_dir``.
+
+    From the two checkpoints the AdamW update of the later step is replayed: its gradient follows from
+    the two first moments; the second moment must then match, and the saved weights updated by it must
+    give the later weights. A resume that restored the initial weights (``initial_dir``), other weights,
+    or a fresh optimizer could not pass.
+    """
+    p0, p1 = _shard(before_dir, "model"), _shard(after_dir, "model")
+    o0, o1 = _shard(before_dir, "optim"), _shard(after_dir, "optim")
+    group = o1["param_groups"][0]
+    (b1, b2), lr, eps, wd = group["betas"], group["lr"], group["eps"], group["weight_decay"]
+    assert len(p1) == len(o1["state"])
+    initial = _initial_weights(initial_dir)
+    for index, name in enumerate(p1):
+        s0, s1 = o0["state"][index], o1["state"][index]
+        step = int(s1["step"])
+        assert step == int(s0["step"]) + 1, name
+        m0, v0, m1, v1 = (s[k].to_local() for s in (s0, s1) for k in ("exp_avg", "exp_avg_sq"))
+        grad = (m1 - b1 * m0) / (1 - b1)
+        assert torch.allclose(v1, b2 * v0 + (1 - b2) * grad**2, rtol=1e-3, atol=1e-12), name
+        denom = (v1.sqrt() / (1 - b2**step) ** 0.5).add_(eps)
+        predicted = (p0[name] * (1 - lr * wd)).addcdiv_(m1, denom, value=-lr / (1 - b1**step))
+        assert (predicted - p1[name]).abs().max() < 1e-6, name
+        assert (p0[name] - initial[name]).abs().max() > 1e-4, name
+
+
+def _initial_weights(model_dir) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    return {k: v.float() for k, v in model.state_dict().items()}
+
+
 def _logits(model, ids):
     with torch.no_grad():
         return model(ids).logits.float()

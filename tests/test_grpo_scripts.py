@@ -3,7 +3,6 @@ two-step run of train_grpo.sh that is then resumed from its checkpoint."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import time
@@ -11,6 +10,7 @@ import time
 import pytest
 from script_runs import SCRIPTS, dry_run, run_script, script_env, tiny_training_env
 from subprocess_runs import step_metrics
+from test_checkpoint import check_step_continues
 
 from common import launch
 from common.cpu_backend import use_cpu_backend
@@ -111,7 +111,7 @@ def test_launch_keeps_user_overrides_and_applies_gpu_defaults_only_on_gpu():
 @pytest.mark.slow
 def test_train_grpo_two_steps_then_resume(isolated_run_env, tmp_path):
     run_dir = tmp_path / "run"
-    env, _ = tiny_training_env(
+    env, inputs = tiny_training_env(
         isolated_run_env,
         tmp_path,
         SAVE_FREQ=1,
@@ -122,7 +122,7 @@ def test_train_grpo_two_steps_then_resume(isolated_run_env, tmp_path):
     start = time.monotonic()
     rc, log = run_script(
         "grpo/train_grpo.sh",
-        [*common_args, f"trainer.validation_data_dir={run_dir / 'val'}"],
+        common_args,
         env,
         tmp_path,
         tmp_path / "first.log",
@@ -141,7 +141,7 @@ def test_train_grpo_two_steps_then_resume(isolated_run_env, tmp_path):
     start = time.monotonic()
     rc, log = run_script(
         "grpo/train_grpo.sh",
-        [*common_args, f"trainer.validation_data_dir={run_dir / 'val_resumed'}", "trainer.resume_mode=auto"],
+        [*common_args, "trainer.resume_mode=auto"],
         {**env, "TOTAL_STEPS": "3"},
         tmp_path,
         tmp_path / "resumed.log",
@@ -153,12 +153,8 @@ def test_train_grpo_two_steps_then_resume(isolated_run_env, tmp_path):
     assert set(step_metrics(log)) == {2, 3}
     assert (run_dir / "global_step_3" / "actor").is_dir()
 
-    def answers(path):
-        return [json.loads(line)["output"] for line in path.read_text().splitlines()]
-
-    # Greedy answers to the held-out prompts are a fingerprint of the weights: those of the resumed run
-    # before its first step equal those the first run gave with its step-2 weights, and differ from the
-    # initial model's, so the saved weights (not the initial ones) were restored and synced to rollout.
-    initial, saved = answers(run_dir / "val" / "0.jsonl"), answers(run_dir / "val" / "2.jsonl")
-    assert answers(run_dir / "val_resumed" / "2.jsonl") == saved
-    assert saved != initial
+    # The weights and optimizer state the resumed run started from are the saved step-2 ones: its step 3
+    # replays exactly as an AdamW step from them. (Greedy validation answers are no fingerprint of the
+    # weights: the rollout server batches prompts as they come, and near-ties flip with the batch.)
+    actor = run_dir / "global_step_{}" / "actor"
+    check_step_continues(str(actor).format(2), str(actor).format(3), inputs["model"])

@@ -71,6 +71,8 @@ def _reject_unsupported(config: DictConfig) -> None:
         "algorithm.use_kl_in_reward": config.algorithm.use_kl_in_reward,
         "distillation.enabled": config.get("distillation", {}).get("enabled", False),
         "critic.enable": config.critic.get("enable", False),
+        # the OPD trainer marks a checkpoint complete only once every file of it is written
+        "actor_rollout_ref.actor.checkpoint.async_save": actor.get("checkpoint", {}).get("async_save", False),
     }
     for key, enabled in unsupported.items():
         if enabled:
@@ -148,7 +150,11 @@ def main(config: DictConfig) -> None:
     validate_config(
         config=config, use_reference_policy=need_reference_policy(config), use_critic=need_critic(config)
     )
-    run_ppo(config, task_runner_class=TaskRunnerV1)
+    from opd.checkpoints import stop_on_signals
+
+    # SIGINT / SIGTERM: checkpoint the last finished step, shut Ray down, exit non-zero
+    with stop_on_signals(config.trainer.default_local_dir) as stoppable:
+        run_ppo(config, task_runner_class=stoppable(TaskRunnerV1))
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 from verl.utils.debug import marked_timer
 
 from common.batch import chat_prompt_ids
+from opd import checkpoints
 from opd.config import OPDConfig
 from opd.progress import format_progress, format_summary
 from opd.reward_weights import sample_weights
@@ -39,6 +40,12 @@ class OPDTrainer(PPOTrainerSync):
         self._history: list[dict] = []
         self._training_started = False
         self._held_out: list[list[int]] | None = None
+        self._uncommitted_step: int | None = None
+        if config.actor_rollout_ref.actor.get("checkpoint", {}).get("async_save", False):
+            raise ValueError(
+                "actor_rollout_ref.actor.checkpoint.async_save=true is not supported by the OPD "
+                "trainer: a checkpoint is marked complete only once its files are written"
+            )
 
     def _init_resource_pool_mgr(self):
         from opd.worker import OPDActorRolloutWorker
@@ -104,12 +111,89 @@ class OPDTrainer(PPOTrainerSync):
     def on_train_begin(self):
         self._training_started = True
 
+    def on_step_begin(self):
+        """Stop before a new step when the driver asked to, with the last finished step checkpointed."""
+        super().on_step_begin()
+        if not checkpoints.stop_requested(self.output_dir):
+            return
+        finished = self.global_steps - 1
+        if finished > 0 and checkpoints.read_tracker(self.output_dir) != finished:
+            self._save_checkpoint(finished)
+            self._commit_checkpoint()
+        raise checkpoints.StopRequested(
+            f"stopped on request after step {finished}; the next start with this run folder resumes from "
+            f"step {checkpoints.read_tracker(self.output_dir) or 0}"
+        )
+
+    def _save_checkpoint(self, step: int | None = None):
+        """Write the step's actor and data-loader state; it becomes resumable in :meth:`_commit_checkpoint`.
+
+        Replaces verl's save (see :mod:`opd.checkpoints`): no tracker write here, no deletion of older
+        steps by the worker, and no TransferQueue state, since a synchronous OPD step leaves nothing in
+        flight and a restored queue would hand the resumed step samples that were already trained on.
+        """
+        step = self.global_steps if step is None else step
+        folder = checkpoints.step_folder(self.output_dir, step)
+        # files of an earlier, killed save of this step must not be listed in the new marker
+        checkpoints.discard(folder)
+        hdfs_dir = self.config.trainer.default_hdfs_dir
+        remote = (
+            None if hdfs_dir is None else os.path.join(hdfs_dir, f"{checkpoints.STEP_PREFIX}{step}", "actor")
+        )
+        self.actor_rollout_wg.save_checkpoint(
+            os.path.join(folder, "actor"), remote, step, max_ckpt_to_keep=None
+        )
+        checkpoints.atomic_torch_save(self.train_dataloader.state_dict(), os.path.join(folder, "data.pt"))
+        self._uncommitted_step = step
+        checkpoints.kill_if_requested(step)
+
+    def _commit_checkpoint(self) -> None:
+        """Mark the saved step complete, point the tracker at it, then apply the retention limit.
+
+        Runs after the step's line is in ``metrics.jsonl``, so a resumed run never restores a step whose
+        metrics were lost.
+        """
+        step, self._uncommitted_step = self._uncommitted_step, None
+        folder = checkpoints.step_folder(self.output_dir, step)
+        checkpoints.mark_complete(folder, step)
+        checkpoints.write_tracker(self.output_dir, step)
+        trainer_config = self.config.trainer
+        keep = (
+            1
+            if trainer_config.get("remove_previous_ckpt_in_save", False)
+            else trainer_config.get("max_actor_ckpt_to_keep", None)
+        )
+        removed = checkpoints.remove_old_checkpoints(self.output_dir, keep)
+        checkpoints.log(f"checkpoint {folder} complete{f'; removed steps {removed}' if removed else ''}")
+        self.checkpoint_callback.on_save(
+            trainer=self, global_step=step, checkpoint_dir=folder, async_save=False
+        )
+
+    def _load_checkpoint(self):
+        """verl's resume, from the newest complete checkpoint; ``metrics.jsonl`` is cut back to it."""
+        trainer_config = self.config.trainer
+        if trainer_config.resume_mode != "auto":
+            super()._load_checkpoint()
+        else:
+            step = checkpoints.resume_step(self.output_dir)
+            with open_dict(trainer_config):
+                mode, path = trainer_config.resume_mode, trainer_config.get("resume_from_path")
+                trainer_config.resume_mode = "disable" if step is None else "resume_path"
+                trainer_config.resume_from_path = (
+                    None if step is None else os.path.abspath(checkpoints.step_folder(self.output_dir, step))
+                )
+                try:
+                    super()._load_checkpoint()
+                finally:
+                    trainer_config.resume_mode, trainer_config.resume_from_path = mode, path
+        self._history = checkpoints.truncate_metrics(self._metrics_path(), self.global_steps)
+
     def _validate(self) -> dict[str, float]:
         metrics = super()._validate()
         if self.opd_config.val_num_prompts > 0:
             metrics.update(self.actor_rollout_wg.evaluate_opd(self._held_out_prompts())[0])
         if not self._training_started:
-            self._record(self.global_steps, metrics)
+            self._record_validation_before_training(metrics)
             print(format_progress(self.global_steps, self.total_training_steps, metrics), flush=True)
         return metrics
 
@@ -120,23 +204,48 @@ class OPDTrainer(PPOTrainerSync):
             count = min(self.opd_config.val_num_prompts, len(dataset))
             template_kwargs = dict(self.config.data.get("apply_chat_template_kwargs", {}) or {})
             self._held_out = [
-                chat_prompt_ids(self.tokenizer, dataset[i]["raw_prompt"], **template_kwargs)
+                chat_prompt_ids(
+                    self.tokenizer, dataset[i]["raw_prompt"], **template_kwargs, **self._row_tools(dataset[i])
+                )
                 for i in range(count)
             ]
         return self._held_out
 
+    def _row_tools(self, row) -> dict:
+        """``tools=`` for a row of an agent run: its prompt shows the schemas there as in the rollout."""
+        multi_turn = self.config.actor_rollout_ref.rollout.multi_turn
+        if not multi_turn.enable or not multi_turn.get("tool_config_path"):
+            return {}
+        from agent.tools import tool_schemas
+
+        selection = (row.get("extra_info") or {}).get("tool_selection")
+        return {"tools": tool_schemas(multi_turn.tool_config_path, names=selection or None)}
+
     def _compute_metrics(self, batch, metrics, timing_raw, global_steps, epoch):
         super()._compute_metrics(batch, metrics, timing_raw, global_steps, epoch)
         self._record(global_steps, metrics)
+        if self._uncommitted_step is not None:
+            self._commit_checkpoint()
         print(format_progress(global_steps, self.total_training_steps, metrics), flush=True)
+
+    def _metrics_path(self) -> str:
+        return os.path.join(self.output_dir, checkpoints.METRICS)
 
     def _record(self, step: int, metrics: dict) -> None:
         """Append the step's scalar metrics to ``metrics.jsonl`` at once, so an interruption loses nothing."""
         record = {"step": step, **{k: float(v) for k, v in metrics.items() if _is_scalar(v)}}
         self._history.append(record)
         os.makedirs(self.output_dir, exist_ok=True)
-        with open(os.path.join(self.output_dir, "metrics.jsonl"), "a") as handle:
+        with open(self._metrics_path(), "a") as handle:
             handle.write(json.dumps(record) + "\n")
+
+    def _record_validation_before_training(self, metrics: dict) -> None:
+        """Record the first validation; a resumed run adds it to the restored step's line, once per step."""
+        if not self._history or self._history[-1]["step"] != self.global_steps:
+            self._record(self.global_steps, metrics)
+            return
+        self._history[-1].update({k: float(v) for k, v in metrics.items() if _is_scalar(v)})
+        checkpoints.write_metrics(self._metrics_path(), self._history)
 
     def fit(self, agent_loop_manager):
         super().fit(agent_loop_manager)
