@@ -75,8 +75,11 @@ def test_num_tokens_counts_model_tokens_only(worker):
     assert worker.update_actor(data)["metrics"]["opd/num_tokens"] == expected
 
 
-def test_cache_is_full_vocabulary_bf16(worker):
-    metrics = worker.update_actor(rollout_batch(2, seed=6))["metrics"]
+def test_cache_is_the_teachers_hidden_states_by_default_and_full_logits_on_request(models, worker):
+    # the tiny teacher's head is a plain linear map: its final hidden states (H = 64) in bf16
+    assert worker.update_actor(rollout_batch(2, seed=6))["metrics"]["opd/cache_bytes_per_token"] == 2 * 64
+    full = tiny_worker(*models, "opd.teacher_signal=full")
+    metrics = full.update_actor(rollout_batch(2, seed=6))["metrics"]
     assert metrics["opd/cache_bytes_per_token"] == 2 * (TOKENIZER_SIZE + 13)
 
 
@@ -99,7 +102,7 @@ def test_non_finite_gradient_skips_the_step_and_reports_it(worker, monkeypatch):
     def poisoned_phase(*args, **kwargs):
         cache = real_phase(*args, **kwargs)
         for signal in cache.signals:
-            signal.logits = torch.full_like(signal.logits, float("nan"))
+            signal.hidden = torch.full_like(signal.hidden, float("nan"))
         return cache
 
     monkeypatch.setattr(opd.worker, "run_teacher_phase", poisoned_phase)

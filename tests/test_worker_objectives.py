@@ -4,7 +4,6 @@ import pytest
 import torch
 from opd_harness import full_state, rollout_batch, tiny_worker, with_advantages, with_rollout_log_probs
 from test_worker import models  # noqa: F401  (module-scoped fixture: student, padded-vocabulary teacher)
-from tiny_models import TOKENIZER_SIZE
 
 from opd.losses import LOSS_REGISTRY
 from opd.pg_losses import PG_OBJECTIVES
@@ -41,8 +40,9 @@ def test_cache_bytes_per_token_follow_the_signal(models):  # noqa: F811
         ]["opd/cache_bytes_per_token"]
         for loss in ("reverse_kl", TOPK_LOSS, "sampled_rkl_pg")
     }
-    # full: bf16 over the teacher's padded head; top-k: 8 x (id + log-prob) + tail + sampled; sampled: fp32
-    assert cost == {"reverse_kl": 2 * (TOKENIZER_SIZE + 13), TOPK_LOSS: 8 * 8 + 8, "sampled_rkl_pg": 4}
+    # hidden (the default for a plain linear teacher head): bf16 over H = 64; top-k: 8 x (id + log-prob)
+    # + tail + sampled; sampled: fp32
+    assert cost == {"reverse_kl": 2 * 64, TOPK_LOSS: 8 * 8 + 8, "sampled_rkl_pg": 4}
 
 
 @pytest.mark.parametrize("loss_type", PG_OBJECTIVES)

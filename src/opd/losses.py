@@ -24,9 +24,12 @@ weighted tokens where the floor changed something are counted by the objectives
 Memory: the loss is a custom ``torch.autograd.Function``. Forward and backward both walk the tokens in chunks
 of ``chunk_size`` rows and upcast one chunk at a time, so only one chunk's ``[chunk_size, V]`` fp32
 intermediates are ever alive. Only the input tensors are saved for backward, which recomputes each chunk's
-log-softmax. The teacher logits may stay on the host (the teacher cache, pinned on GPU nodes): each pass
-copies one chunk of rows to the student's device when it needs them, so at most one ``[chunk_size, V_t]``
-block of teacher rows is ever on the device (its bf16 copy is half a fp32 buffer). The only ``O(N * V)``
+log-softmax. The teacher's rows come from a :class:`TeacherRows` source, asked for one chunk at a time by
+forward and backward alike: :class:`CachedLogits` copies that chunk of cached logits (the host teacher cache,
+pinned on GPU nodes) to the student's device; :class:`HiddenTimesHead` copies that chunk of the teacher's
+cached final hidden states and multiplies it by the teacher's output head, kept on the device, computing the
+logits as the teacher's own head does. Either way at most one ``[chunk_size, V_t]`` block of teacher
+rows is ever on the device (bf16: half a fp32 buffer), besides that head. The only ``O(N * V)``
 allocation is the gradient of ``student_logits`` itself, which autograd needs anyway. Measured peaks beyond
 that gradient, in ``[chunk_size, V]`` fp32 buffers: forward about 5 (reverse/forward KL) or 6 (jsd, skew KLs);
 backward about 4 for the built-in losses, which have closed-form gradients that reuse their buffers in place
@@ -47,7 +50,7 @@ import math
 import numbers
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -315,6 +318,79 @@ def _params_for(fn: LossFn, params: dict[str, Any]) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------------------
+# Teacher rows
+# ----------------------------------------------------------------------------------------------------
+
+
+class TeacherRows(Protocol):
+    """Where the loss reads the teacher's logits from, one chunk of token rows at a time."""
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(N, V_t)``: tokens and teacher output rows."""
+
+    def rows(self, rows: slice, device: torch.device) -> torch.Tensor:
+        """Raw (T = 1) teacher logits of the tokens ``rows`` on ``device``: ``[c, V_t]`` floating point."""
+
+
+@dataclass(frozen=True)
+class CachedLogits:
+    """The teacher's logits themselves, ``[N, V_t]`` on any device (the ``full`` signal)."""
+
+    logits: torch.Tensor
+
+    def __post_init__(self):
+        if self.logits.dim() != 2 or not self.logits.is_floating_point():
+            raise ValueError(
+                f"teacher_logits must be a 2-D [N, V_t] float tensor, got {tuple(self.logits.shape)} "
+                f"{self.logits.dtype}"
+            )
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.logits.shape)
+
+    def rows(self, rows: slice, device: torch.device) -> torch.Tensor:
+        # Whole rows travel (asynchronously from pinned memory) and are cut later: a strided column slice of
+        # host memory would first be gathered into unpinned memory.
+        return self.logits[rows].to(device, non_blocking=True)
+
+
+@dataclass(frozen=True)
+class HiddenTimesHead:
+    """The teacher's logits rebuilt as ``hidden @ head^T`` (the ``hidden`` signal).
+
+    ``hidden``: ``[N, H]`` final (post-norm) hidden states, on any device (the host cache); ``head``: the
+    output head's weight ``[V_t, H]`` on the student's device. Valid for a head that is a plain linear map
+    (no bias, no soft-capping or scaling after it), which ``opd.teacher`` checks before choosing this signal.
+    """
+
+    hidden: torch.Tensor
+    head: torch.Tensor
+
+    def __post_init__(self):
+        hidden, head = self.hidden, self.head
+        if hidden.dim() != 2 or head.dim() != 2 or hidden.shape[1] != head.shape[1]:
+            raise ValueError(
+                f"hidden states [N, H] and output head [V_t, H] do not fit: {tuple(hidden.shape)} and "
+                f"{tuple(head.shape)}"
+            )
+        if not (hidden.is_floating_point() and head.is_floating_point()):
+            raise ValueError(
+                f"hidden states and output head must be floating point, got {hidden.dtype} and {head.dtype}"
+            )
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.hidden.shape[0], self.head.shape[0]
+
+    def rows(self, rows: slice, device: torch.device) -> torch.Tensor:
+        hidden = self.hidden[rows].to(device, non_blocking=True)
+        # in the head's dtype, as the teacher's own output layer computes them: bf16 in, bf16 logits out
+        return torch.nn.functional.linear(hidden.to(self.head.dtype), self.head)
+
+
+# ----------------------------------------------------------------------------------------------------
 # Chunk kernels
 # ----------------------------------------------------------------------------------------------------
 
@@ -370,16 +446,15 @@ class _Setup:
 
 
 def _teacher_log_probs(
-    teacher: torch.Tensor, setup: _Setup, device: torch.device
+    teacher: TeacherRows, rows: slice, setup: _Setup, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Floored teacher log-probs of one chunk on ``device``; teacher [c, V_t] anywhere -> [c, V], [c] bool.
+    """Floored teacher log-probs of the chunk ``rows`` on ``device``: [c, V], and [c] bool.
 
-    Only these rows travel to the device (asynchronously from pinned host memory). The whole rows are
-    copied, then cut, because a strided column slice of host memory would first be gathered into unpinned
-    memory. The bool marks the rows where the floor raised a log-prob.
+    Only this chunk's rows are brought to the device. The bool marks the rows where the floor raised a
+    log-prob.
     """
-    rows = teacher.to(device, non_blocking=True)[:, : setup.vocab]
-    logp = _log_probs(rows, setup.temperature, setup.dtype)
+    logits = teacher.rows(rows, device)[:, : setup.vocab]
+    logp = _log_probs(logits, setup.temperature, setup.dtype)
     floored = logp.amin(dim=-1) < TEACHER_LOGP_FLOOR
     return logp.clamp_(min=TEACHER_LOGP_FLOOR), floored
 
@@ -390,14 +465,19 @@ def floor_teacher_logp(logp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _forward_chunk(
-    student: torch.Tensor, teacher: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, setup: _Setup
+    student: torch.Tensor,
+    teacher: TeacherRows,
+    rows: slice,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+    setup: _Setup,
 ) -> _ChunkOut:
-    """Loss contribution and stats of one chunk; student [c, V_s], teacher [c, V_t], ids/weights [c].
+    """Loss contribution and stats of the chunk ``rows``; student [c, V_s], ids/weights [c].
 
     Kept as a function so every [c, V] intermediate is released on return, before the next chunk starts.
     """
     s_logp = _log_probs(student[:, : setup.vocab], setup.temperature, setup.dtype)
-    t_logp, floored = _teacher_log_probs(teacher, setup, student.device)
+    t_logp, floored = _teacher_log_probs(teacher, rows, setup, student.device)
     div = setup.loss_fn(s_logp, t_logp, **setup.params)
     col = ids.unsqueeze(-1)
     return _ChunkOut(
@@ -438,15 +518,20 @@ def _closed_form_chunk_grad(
 
 
 def _backward_chunk(
-    student: torch.Tensor, teacher: torch.Tensor, weights: torch.Tensor, grad_out: torch.Tensor, setup: _Setup
+    student: torch.Tensor,
+    teacher: TeacherRows,
+    rows: slice,
+    weights: torch.Tensor,
+    grad_out: torch.Tensor,
+    setup: _Setup,
 ) -> torch.Tensor:
-    """grad_out * d(sum_i w_i d_i)/d(student[:, :V]) for one chunk; student [c, V_s] -> grad [c, V] in fp32.
+    """grad_out * d(sum_i w_i d_i)/d(student[:, :V]) for the chunk ``rows``; student [c, V_s] -> [c, V] fp32.
 
     Recomputes the chunk's log-softmax instead of saving forward activations: that is what keeps the
     backward bounded. A function of its own so every [c, V] buffer is freed before the next chunk.
     """
     with torch.no_grad():
-        t_logp, _ = _teacher_log_probs(teacher, setup, student.device)
+        t_logp, _ = _teacher_log_probs(teacher, rows, setup, student.device)
     student = student[:, : setup.vocab]
     if setup.logit_grad is None:
         grad = _autograd_chunk_grad(student, t_logp, weights, grad_out, setup)
@@ -466,22 +551,22 @@ class _ChunkedDistill(torch.autograd.Function):
     """Chunked loss with recompute-in-backward; see module docstring for the memory argument."""
 
     @staticmethod
-    def forward(ctx, student_logits, teacher_logits, token_ids, token_weights, setup: _Setup):
-        """student [N, V_s], teacher [N, V_t] (any device), ids [N], weights [N] -> loss, 5 stats [N] fp32."""
+    def forward(ctx, student_logits, token_ids, token_weights, teacher: TeacherRows, setup: _Setup):
+        """student [N, V_s], ids [N], weights [N], teacher rows (N, V_t) -> loss, 5 stats [N] fp32."""
         n = student_logits.shape[0]
         device = student_logits.device
         loss = torch.zeros((), dtype=setup.dtype, device=device)
         stats = [torch.empty(n, dtype=torch.float32, device=device) for _ in range(5)]
         for start in range(0, n, setup.chunk_size):
             sl = slice(start, start + setup.chunk_size)
-            out = _forward_chunk(
-                student_logits[sl], teacher_logits[sl], token_ids[sl], token_weights[sl], setup
-            )
+            out = _forward_chunk(student_logits[sl], teacher, sl, token_ids[sl], token_weights[sl], setup)
             loss += out.loss
             chunk_stats = (out.divergence, out.student_logp, out.teacher_logp, out.entropy)
             for dst, src in zip(stats, (*chunk_stats, out.teacher_floored), strict=True):
                 dst[sl] = src
-        ctx.save_for_backward(student_logits, teacher_logits, token_weights)
+        ctx.save_for_backward(student_logits, token_weights)
+        # never differentiated, so it needs no save_for_backward bookkeeping
+        ctx.teacher = teacher
         ctx.setup = setup
         ctx.mark_non_differentiable(*stats)
         return (loss, *stats)
@@ -491,7 +576,7 @@ class _ChunkedDistill(torch.autograd.Function):
         """grad_loss scalar -> grad for student [N, V_s] in its own dtype; None for every other input."""
         if not ctx.needs_input_grad[0]:
             return None, None, None, None, None
-        student_logits, teacher_logits, token_weights = ctx.saved_tensors
+        student_logits, token_weights = ctx.saved_tensors
         setup: _Setup = ctx.setup
         # Columns >= V (vocab padding) stay exactly zero; the rows of skipped chunks too.
         grad = torch.zeros_like(student_logits)
@@ -500,7 +585,7 @@ class _ChunkedDistill(torch.autograd.Function):
             weights = token_weights[sl]
             if not bool((weights != 0).any()):
                 continue
-            chunk_grad = _backward_chunk(student_logits[sl], teacher_logits[sl], weights, grad_loss, setup)
+            chunk_grad = _backward_chunk(student_logits[sl], ctx.teacher, sl, weights, grad_loss, setup)
             grad[sl, : setup.vocab].copy_(chunk_grad)
         return grad, None, None, None, None
 
@@ -510,28 +595,22 @@ class _ChunkedDistill(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------------
 
 
-def _check_tensors(student_logits, teacher_logits, token_ids, token_weights) -> None:
+def _check_tensors(student_logits, teacher: TeacherRows, token_ids, token_weights) -> None:
     """Raise ValueError on shape/dtype/device mismatches; shapes as in ``chunked_distill_loss``."""
-    if student_logits.dim() != 2 or teacher_logits.dim() != 2:
+    if student_logits.dim() != 2 or not student_logits.is_floating_point():
         raise ValueError(
-            f"logits must be 2-D [N, V]; got student {tuple(student_logits.shape)}, "
-            f"teacher {tuple(teacher_logits.shape)}"
+            f"student_logits must be a 2-D [N, V] float tensor, got {tuple(student_logits.shape)} "
+            f"{student_logits.dtype}"
         )
     n = student_logits.shape[0]
-    for name, t, shape in (
-        ("teacher_logits", teacher_logits, (n, teacher_logits.shape[1])),
-        ("token_ids", token_ids, (n,)),
-        ("token_weights", token_weights, (n,)),
-    ):
-        if tuple(t.shape) != shape:
-            raise ValueError(
-                f"{name} has shape {tuple(t.shape)}, expected {shape} (N={n} from student_logits)"
-            )
-        # the teacher rows may stay on the host: they are copied to the device a chunk at a time
-        if t is not teacher_logits and t.device != student_logits.device:
+    if teacher.shape[0] != n:
+        raise ValueError(f"the teacher has {teacher.shape[0]} rows, expected {n} (N from student_logits)")
+    # the teacher rows may stay on the host: they reach the device a chunk at a time
+    for name, t in (("token_ids", token_ids), ("token_weights", token_weights)):
+        if tuple(t.shape) != (n,):
+            raise ValueError(f"{name} has shape {tuple(t.shape)}, expected ({n},) (N from student_logits)")
+        if t.device != student_logits.device:
             raise ValueError(f"{name} is on {t.device}, student_logits on {student_logits.device}")
-    if not (student_logits.is_floating_point() and teacher_logits.is_floating_point()):
-        raise ValueError("student_logits and teacher_logits must be floating point")
     if token_ids.is_floating_point() or token_ids.is_complex() or token_ids.dtype == torch.bool:
         raise ValueError(f"token_ids must be an integer tensor, got {token_ids.dtype}")
     if not token_weights.is_floating_point():
@@ -564,7 +643,7 @@ def _merge_params(beta: float, loss_params: Mapping[str, Any] | None) -> dict[st
 
 def chunked_distill_loss(
     student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
+    teacher: torch.Tensor | TeacherRows,
     token_ids: torch.Tensor,
     token_weights: torch.Tensor,
     *,
@@ -578,8 +657,9 @@ def chunked_distill_loss(
 
     Args:
         student_logits: [N, V_s], any float dtype, usually requires grad.
-        teacher_logits: [N, V_t], any float dtype; never receives a gradient. It may live on another device
-            than the student (the host-side teacher cache): only one chunk of its rows is copied at a time.
+        teacher: the teacher logits [N, V_t] (any float dtype, any device: the host-side teacher cache), or
+            any :class:`TeacherRows` source of them such as :class:`HiddenTimesHead`. It never receives a
+            gradient; only one chunk of its rows is brought to the student's device at a time.
         token_ids: [N] integer, the sampled tokens (stats only); every id must be < min(V_s, V_t).
         token_weights: [N] float, 0 where masked. The caller folds the loss mask, any reward weights and the
             global token-mean normaliser into it (e.g. ``mask / mask.sum()`` over the whole global batch).
@@ -598,7 +678,9 @@ def chunked_distill_loss(
     """
     loss_fn = get_loss(loss_type)
     _check_scalars(loss_fn, chunk_size, temperature, beta)
-    _check_tensors(student_logits, teacher_logits, token_ids, token_weights)
+    if isinstance(teacher, torch.Tensor):
+        teacher = CachedLogits(teacher)
+    _check_tensors(student_logits, teacher, token_ids, token_weights)
     params = _merge_params(beta, loss_params)
     check = PARAM_CHECK_REGISTRY.get(loss_type)
     if check is not None:
@@ -611,11 +693,11 @@ def chunked_distill_loss(
         grad_params=_params_for(logit_grad, params) if logit_grad is not None else {},
         chunk_size=chunk_size,
         temperature=float(temperature),
-        vocab=min(student_logits.shape[1], teacher_logits.shape[1]),
+        vocab=min(student_logits.shape[1], teacher.shape[1]),
         dtype=torch.float64 if student_logits.dtype == torch.float64 else torch.float32,
     )
     loss, div, s_logp, t_logp, entropy, floored = _ChunkedDistill.apply(
-        student_logits, teacher_logits, token_ids, token_weights, setup
+        student_logits, token_ids, token_weights, teacher, setup
     )
     return loss, TokenStats(
         divergence=div,

@@ -1,4 +1,4 @@
-"""One forward of a verl FSDP engine's model, returning logits at response positions only.
+"""One forward of a verl FSDP engine's model: logits (or final hidden states) at response positions only.
 
 Teacher and student go through this same function, so both see identical inputs (remove-padding
 packing, position ids) and the cached teacher rows line up with the student rows one to one.
@@ -43,6 +43,31 @@ def response_logits(engine, batch: OPDBatch, *, pad_token_id: int) -> torch.Tens
     With remove-padding the packed hidden states are cut to the response rows before the output head
     (``logits_to_keep``), so prompt positions never cost a ``[*, V]`` tensor.
     """
+    return _response_rows(engine, batch, pad_token_id)
+
+
+def response_hidden_states(engine, batch: OPDBatch, *, pad_token_id: int) -> torch.Tensor:
+    """Final (post-norm) hidden states that predict every response token: ``[sum R_i, H]``.
+
+    The same forward as :func:`response_logits` with the output head made the identity, so the rows are
+    exactly what the head would have multiplied and no ``[*, V]`` logits are ever computed. Only the head
+    module's ``forward`` is replaced, not the module: FSDP2 keeps running its hooks on it, and its weight
+    stays registered (or tied to the embedding) as usual.
+    """
+    head = engine.module.get_output_embeddings()
+    head.forward = _identity
+    try:
+        return _response_rows(engine, batch, pad_token_id)
+    finally:
+        del head.forward  # the class's own forward again
+
+
+def _identity(hidden_states: torch.Tensor) -> torch.Tensor:
+    return hidden_states
+
+
+def _response_rows(engine, batch: OPDBatch, pad_token_id: int) -> torch.Tensor:
+    """The model's output at the rows that predict every response token: ``[sum R_i, D]``."""
     use_rmpad = bool(engine.model_config.use_remove_padding)
     data = engine_inputs(batch, use_remove_padding=use_rmpad, pad_token_id=pad_token_id)
     device = current_device()

@@ -1,6 +1,7 @@
 """One interface over the distillation objectives, whatever teacher signal they read.
 
-- full-vocabulary divergences (``opd.losses``) read the cached teacher logits;
+- full-vocabulary divergences (``opd.losses``) read the teacher's logits, cached (``full``) or rebuilt
+  chunk by chunk from its cached final hidden states and output head (``hidden``);
 - ``forward_kl_topk`` (``opd.topk_losses``) reads the top-k signal;
 - the policy-gradient objectives (``opd.pg_losses``) read the teacher's sampled-token log-probs and the
   rollout log-probs, and also serve GRPO + OPD's task loss (:func:`task_policy_loss`).
@@ -113,8 +114,9 @@ def distillation_objective(
     tokens: MicroBatchTokens, cached: CachedSignal, weights: torch.Tensor, ctx: ObjectiveContext
 ) -> ObjectiveOutput:
     """The configured objective on one micro-batch; ``weights`` [N] are the per-token loss weights."""
-    if cached.logits is not None:
-        return _full_vocabulary(tokens, cached, weights, ctx)
+    teacher_rows = cached.teacher_rows()
+    if teacher_rows is not None:
+        return _full_vocabulary(tokens, teacher_rows, weights, ctx)
     if cached.topk is not None:
         return _topk(tokens, cached, weights, ctx)
     return _policy_gradient(tokens, cached, weights, ctx)
@@ -131,12 +133,12 @@ def _shared_vocab(tokens: MicroBatchTokens, cached: CachedSignal) -> int:
     return rows if cached.vocab is None else min(rows, cached.vocab)
 
 
-def _full_vocabulary(tokens, cached, weights, ctx) -> ObjectiveOutput:
+def _full_vocabulary(tokens, teacher_rows, weights, ctx) -> ObjectiveOutput:
     config = ctx.config
-    # The cached rows stay on the host: the loss copies one chunk of them at a time to the device.
+    # The cached rows stay on the host: the loss brings one chunk of them at a time to the device.
     loss, stats = chunked_distill_loss(
         tokens.logits,
-        cached.logits,
+        teacher_rows,
         tokens.token_ids,
         weights,
         loss_type=config.loss_type,

@@ -26,7 +26,7 @@ from opd.devices import current_device, phase_meter
 from opd.evaluation import evaluate_held_out
 from opd.objectives import ObjectiveContext
 from opd.student import train_student_step
-from opd.teacher import SignalSpec, build_teacher_engine, run_teacher_phase
+from opd.teacher import SignalSpec, build_teacher_engine, choose_signal, run_teacher_phase
 from opd.teacher_prompts import TEACHER_PROMPT_COLUMN, teacher_messages, tokenize_teacher_prompts
 
 
@@ -59,7 +59,7 @@ class OPDActorRolloutWorker(ActorRolloutRefWorker):
         self.micro_batch_size = int(self.config.actor.ppo_micro_batch_size_per_gpu)
         self._teacher_answers: dict[tuple, list[torch.Tensor]] = {}
         self.signal_spec = SignalSpec(
-            kind=self.opd_config.teacher_signal,
+            kind=choose_signal(self.opd_config, self.teacher),
             topk=self.opd_config.topk,
             temperature=self.opd_config.temperature,
             chunk_size=self.opd_config.chunk_size,
