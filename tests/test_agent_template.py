@@ -117,8 +117,9 @@ def test_tools_shown_in_system_turn_after_the_default_prompt(tmp_path):
     text = tokenizer.apply_chat_template(QUESTION[1:], tools=[CALCULATOR_SCHEMA], tokenize=False)
     system_turn, user_turn = text.split("<|im_end|>\n")[:2]
     assert system_turn.startswith("<|im_start|>system\nBe kind.\n\n# Tools\n")
-    assert f"<tools>\n{json.dumps(CALCULATOR_SCHEMA)}\n</tools>" in system_turn
-    assert '<tool_call>\n{"name": "<function name>", "arguments": ' in system_turn
+    # one compact line per tool: name, typed arguments, description
+    assert "\ncalculator(expression: string): Evaluate an arithmetic expression exactly.\n" in system_turn
+    assert '<tool_call>\n{"name": "<tool>", "arguments": ' in system_turn
     assert user_turn == "<|im_start|>user\nWhat is 12 * 7?"
     # the conversation's own system message replaces the default one
     text = tokenizer.apply_chat_template(QUESTION, tools=[CALCULATOR_SCHEMA], tokenize=False)

@@ -61,7 +61,7 @@ def test_rows_carry_the_agent_fields_and_grade_the_final_answer(tmp_path):
     rows = pq.read_table(paths["train"]).to_pylist()
     for row in rows:
         assert row["data_source"] == DATA_SOURCE and row["agent_name"] == AGENT_NAME
-        assert row["prompt"][0]["role"] == "system" and "<tool_call>" in row["prompt"][0]["content"]
+        assert row["prompt"][0]["role"] == "system" and "search" in row["prompt"][0]["content"]
         assert row["extra_info"]["tool_selection"] == list(TOOLS)
         assert row["extra_info"]["tools_kwargs"] == {"search": {"create_kwargs": {"database_dir": None}}}
         answer = row["reward_model"]["ground_truth"]

@@ -25,13 +25,13 @@ from pathlib import Path
 from typing import Any
 
 DATA_SOURCE = "opd/tool_arithmetic"
-AGENT_NAME = "tool_agent"
+# the project's ChatML tool loop (src/agent/config/agent_loops.yaml), registered by train_opd_agent.sh
+AGENT_NAME = "chatml_tool_agent"
 TOOLS = ("search", "calculator")
+# Short: the chat template adds the tool schemas and the call format to the system turn anyway.
 SYSTEM_PROMPT = (
-    "You are a careful assistant with two tools. Facts about catalogue items (prices, weights) are not "
-    "known to you: look each one up with the search tool. Use the calculator tool for arithmetic. "
-    'Call a tool by writing <tool_call>{"name": ..., "arguments": {...}}</tool_call> and wait for its '
-    "<tool_response>. When you know the result, give the final answer as a single number in \\boxed{}."
+    "Prices and weights of catalogue items are only in the documents: look them up with search, "
+    "compute with the calculator, and give the final answer as one number in \\boxed{}."
 )
 
 _NAMES = ("Tom", "Anna", "Ben", "Lily", "Sam", "Maya", "Leo", "Emma", "Noah", "Zoe", "Omar", "Iris")

@@ -6,3 +6,17 @@
 
 verl imports each class by its dotted name, so this package imports neither module itself.
 """
+
+from pathlib import Path
+
+TOOL_CONFIG = Path(__file__).parent.parent / "config" / "tool_config.yaml"
+
+
+def tool_schemas(config_path: str | Path = TOOL_CONFIG, names=None) -> list[dict]:
+    """The OpenAI-style schemas of a tool config (those in ``names`` only, when given), as the agent
+    loop passes them to the chat template: what a prompt rendered outside the loop must also show."""
+    from omegaconf import OmegaConf
+
+    tools = OmegaConf.to_container(OmegaConf.load(config_path).tools, resolve=False)
+    schemas = [tool["tool_schema"] for tool in tools]
+    return [s for s in schemas if names is None or s["function"]["name"] in names]
