@@ -26,13 +26,13 @@ import torch
 class FitConfig:
     """Settings of one warm-start fit."""
 
-    steps: int = 40
+    steps: int = 30
     """Optimizer steps."""
 
     batch_size: int = 8
     """Conversations per step."""
 
-    learning_rate: float = 5e-5
+    learning_rate: float = 1e-4
     """AdamW learning rate (constant after a short warm-up)."""
 
     seed: int = 0
