@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from pathlib import Path
 
 import pytest
+from tool_calls import call
 from verl.tools.tool_registry import initialize_tools_from_config
 
 import agent
@@ -26,21 +26,6 @@ def tool() -> CalculatorTool:
         tools = {tool.name: tool for tool in initialize_tools_from_config(str(TOOL_CONFIG))}
     assert isinstance(tools["calculator"], CalculatorTool)
     return tools["calculator"]
-
-
-def call(tool: CalculatorTool, parameters) -> str:
-    """One tool call the way verl's tool agent loop makes it: create, execute, release."""
-
-    async def lifecycle() -> str:
-        instance_id, _ = await tool.create(create_kwargs={})
-        try:
-            response, reward, metrics = await tool.execute(instance_id, parameters, agent_data=None)
-        finally:
-            await tool.release(instance_id)
-        assert (reward, metrics) == (0.0, {})
-        return response.text
-
-    return asyncio.run(lifecycle())
 
 
 @pytest.mark.parametrize(

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import sqlite3
 from pathlib import Path
 
 import pytest
+from tool_calls import call
 from verl.tools.schemas import OpenAIFunctionToolSchema
 from verl.tools.tool_registry import initialize_tools_from_config
 
@@ -80,21 +80,6 @@ def load_tools(monkeypatch, database_dir: Path | None) -> dict:
 def tool(monkeypatch, database_dir) -> SearchTool:
     """The search tool from the YAML, pointed at :func:`database_dir` through DATABASE_DIR."""
     return load_tools(monkeypatch, database_dir)["search"]
-
-
-def call(tool, parameters, create_kwargs: dict | None = None) -> str:
-    """One tool call the way verl's tool agent loop makes it: create, execute, release."""
-
-    async def lifecycle() -> str:
-        instance_id, _ = await tool.create(create_kwargs=create_kwargs or {})
-        try:
-            response, reward, metrics = await tool.execute(instance_id, parameters, agent_data=None)
-        finally:
-            await tool.release(instance_id)
-        assert (reward, metrics) == (0.0, {})
-        return response.text
-
-    return asyncio.run(lifecycle())
 
 
 def query_rows(database: Path, sql: str) -> list[tuple]:
