@@ -156,7 +156,7 @@ def save_fitted(model, tokenizer, out_dir: Path) -> None:
 
 TOOL_TEACHER_DIRNAME = "smollm2-135m-instruct-tools"
 # Bump when the warm-start recipe changes so cached folders are rebuilt.
-WARM_START_VERSION = 1
+WARM_START_VERSION = 2
 REPORT_NAME = "warm_start.json"
 _CALL = re.compile(r"<tool_call>\s*(\{.*?\})\s*</tool_call>", re.DOTALL)
 
@@ -227,12 +227,41 @@ def build_tool_teacher(teacher_dir: Path, out_dir: Path, config: FitConfig, num_
         train_conv, train = _transcript_examples(tokenizer, num_train, config.seed + 1, Path(scratch) / "a")
         held_conv, held = _transcript_examples(tokenizer, 8, config.seed + 2, Path(scratch) / "b")
     tools = tool_schemas()
+    general = _own_answers(model, tokenizer, config.seed + 3)
     report = _measure(model, tokenizer, held_conv, held, tools, "before")
+    report["general_nll_before"] = mean_nll(model, general)
     report["losses"] = fit_assistant_turns(model, train, config)
     report.update(_measure(model, tokenizer, held_conv, held, tools, "after"))
+    report["general_nll_after"] = mean_nll(model, general)
+    _progress(
+        f"general answers (the teacher's own, no tools): NLL {report['general_nll_before']:.3f} -> "
+        f"{report['general_nll_after']:.3f} nats/token"
+    )
     model.to(torch.bfloat16).save_pretrained(out_dir)
     (out_dir / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+@torch.no_grad()
+def _own_answers(model, tokenizer, seed: int, count: int = 8) -> list[tuple[list, list]]:
+    """The model's own greedy answers to plain arithmetic questions, as (ids, mask) examples.
+
+    Their NLL before and after the fit shows whether learning the tool format cost the model its
+    ordinary answers (a fit on uniform transcripts can over-fit into calling tools for everything).
+    """
+    from data.arithmetic import INSTRUCTION, generate_problems
+
+    examples = []
+    for problem in generate_problems(count, random.Random(seed)):
+        messages = [{"role": "user", "content": f"{problem.question}\n{INSTRUCTION}"}]
+        prompt = _render(tokenizer, messages, None, generation_prompt=True)
+        output = model.generate(
+            torch.tensor([prompt]), do_sample=False, max_new_tokens=48, pad_token_id=tokenizer.pad_token_id
+        )
+        answer = tokenizer.decode(output[0, len(prompt) :], skip_special_tokens=True)
+        conversation = [*messages, {"role": "assistant", "content": answer}]
+        examples.append(assistant_token_mask(tokenizer, conversation, None))
+    return examples
 
 
 def _measure(model, tokenizer, conversations, examples, tools, when: str) -> dict[str, float]:
