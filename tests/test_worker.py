@@ -352,3 +352,18 @@ def test_teacher_signal_at_tool_tokens_never_reaches_the_student(models, monkeyp
     for name, grad in clean[0].items():
         assert torch.equal(grad, scrambled[0][name]), name
     assert any(grad.abs().sum() > 0 for grad in clean[0].values())
+
+
+def test_teacher_trace_gaps_are_zero_without_privilege_and_positive_with_it(models):
+    student, _ = models
+    data = _chat_rollout(student, seed=60)
+    prompts = [p.tolist() for p in data["prompts"].unbind()]
+    worker = tiny_worker(student, student, "opd.val_max_new_tokens=6")
+    same = worker.evaluate_opd(prompts, prompts)
+    assert abs(same["val-opd/teacher_trace_nll_gap"]) < 1e-4
+    assert abs(same["val-opd/final_answer_gap"]) < 1e-4
+    # a teacher prompt the student never sees: the student is worse on the teacher's own traces
+    privileged = [[*p[:-3], *b"The answer is 7.", *p[-3:]] for p in prompts]
+    gaps = worker.evaluate_opd(prompts, privileged)
+    assert gaps["val-opd/teacher_trace_nll_gap"] != pytest.approx(0.0, abs=1e-3)
+    assert "val-opd/teacher_trace_nll_gap" not in worker.evaluate_opd(prompts)

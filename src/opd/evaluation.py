@@ -33,6 +33,8 @@ def evaluate_held_out(
     pad_token_id,
     micro_batch_size: int,
     teacher_answers=None,
+    teacher_prompts=None,
+    final_answer_ids=(),
 ) -> tuple[dict[str, float], list[torch.Tensor]]:
     """Return the ``val-opd/*`` metrics and the teacher's greedy answers.
 
@@ -40,25 +42,32 @@ def evaluate_held_out(
 
     The teacher is frozen and answers greedily, so its answers are the same at every evaluation:
     pass back the returned ones as ``teacher_answers`` to skip generating them again.
+
+    ``teacher_prompts`` (privileged context): the teacher answers, and scores every answer, from its own
+    prompt, and the teacher-trace gaps are added (see :func:`_trace_gaps`); ``final_answer_ids`` are the
+    token ids (digits) whose last run in a trace is its final answer.
     """
     started = time.perf_counter()
     student_answers = _generate(student, prompts, config, eos_token_id, pad_token_id, sample=True)
     if teacher_answers is None:
         teacher_answers = _generate(
             teacher,
-            prompts,
+            teacher_prompts or prompts,
             config,
             eos_token_id,
             pad_token_id,
             sample=False,
             vocab_limit=_output_rows(student),
         )
-    own = _split(_answer_batch(prompts, student_answers), micro_batch_size)
-    teachers = _split(_answer_batch(prompts, teacher_answers), micro_batch_size)
-    cache = [s.logits for s in run_teacher_phase(teacher, own + teachers, pad_token_id=pad_token_id).signals]
+    own = _split(_answer_batch(prompts, student_answers, teacher_prompts), micro_batch_size)
+    teachers = _split(_answer_batch(prompts, teacher_answers, teacher_prompts), micro_batch_size)
+    views = [mb.teacher_view() for mb in own + teachers]
+    cache = [s.logits for s in run_teacher_phase(teacher, views, pad_token_id=pad_token_id).signals]
 
     reverse = _divergence_sums(student, own, cache[: len(own)], "reverse_kl", config, pad_token_id)
-    forward = _divergence_sums(student, teachers, cache[len(own) :], "forward_kl", config, pad_token_id)
+    forward = _divergence_sums(
+        student, teachers, cache[len(own) :], "forward_kl", config, pad_token_id, final_answer_ids
+    )
     metrics = {
         "val-opd/reverse_kl": reverse["divergence"] / max(reverse["tokens"], 1.0),
         "val-opd/forward_kl": forward["divergence"] / max(forward["tokens"], 1.0),
@@ -66,7 +75,20 @@ def evaluate_held_out(
         "val-opd/student_answer_tokens": reverse["tokens"] / max(len(prompts), 1),
         "val-opd/seconds": time.perf_counter() - started,
     }
+    if teacher_prompts is not None:
+        metrics.update(_trace_gaps(forward))
     return metrics, teacher_answers
+
+
+def _trace_gaps(sums: dict[str, float]) -> dict[str, float]:
+    """Teacher-trace gaps (seed 004): on the teacher's greedy traces under its privileged prompt, the
+    student's NLL per token under the normal prompt minus the teacher's under the privileged prompt, over
+    every trace token and over the final-answer tokens (the last run of digits of each trace)."""
+    return {
+        "val-opd/teacher_trace_nll_gap": (sums["nll"] - sums["teacher_nll"]) / max(sums["tokens"], 1.0),
+        "val-opd/final_answer_gap": (sums["final_nll"] - sums["final_teacher_nll"])
+        / max(sums["final_tokens"], 1.0),
+    }
 
 
 def _output_rows(engine) -> int:
@@ -116,33 +138,74 @@ def _cut_after_eos(tokens: torch.Tensor, eos_token_id: int) -> torch.Tensor:
     return tokens[: int(hits[0]) + 1] if hits.numel() else tokens
 
 
-def _answer_batch(prompts, answers) -> OPDBatch:
+def _answer_batch(prompts, answers, teacher_prompts=None) -> OPDBatch:
     # an empty answer still needs one position; it is masked out
     answers = [a if a.numel() else torch.zeros(1, dtype=torch.long) for a in answers]
     masks = [torch.ones(a.numel()) if a.numel() else torch.zeros(1) for a in answers]
-    return build_opd_batch(responses=answers, response_mask=masks, prompts=prompts)
+    return build_opd_batch(
+        responses=answers, response_mask=masks, prompts=prompts, teacher_prompts=teacher_prompts
+    )
 
 
 def _split(batch: OPDBatch, micro_batch_size: int) -> list[OPDBatch]:
     return [batch.select(rows) for rows in micro_batch_rows(len(batch), micro_batch_size)]
 
 
-def _divergence_sums(student, micro_batches, cached, loss_type, config, pad_token_id) -> dict[str, float]:
+def _divergence_sums(
+    student, micro_batches, cached, loss_type, config, pad_token_id, final_answer_ids=()
+) -> dict[str, float]:
+    """Sums over the answers' tokens of the divergence, both models' NLL, and both NLLs on the final
+    answer (the last run of ``final_answer_ids`` in each answer)."""
     device = current_device()
-    sums = {"divergence": 0.0, "nll": 0.0, "tokens": 0.0}
+    sums = dict.fromkeys(("divergence", "nll", "teacher_nll", "tokens"), 0.0)
+    sums.update(dict.fromkeys(("final_nll", "final_teacher_nll", "final_tokens"), 0.0))
     with student.eval_mode():
         for micro_batch, teacher_logits in zip(micro_batches, cached, strict=True):
             mask = torch.cat(micro_batch.loss_mask).to(device)
+            token_ids = response_token_ids(micro_batch).to(device)
             _, stats = chunked_distill_loss(
                 response_logits(student, micro_batch, pad_token_id=pad_token_id),
                 teacher_logits,
-                response_token_ids(micro_batch).to(device),
+                token_ids,
                 mask,
                 loss_type=loss_type,
                 chunk_size=config.chunk_size,
                 temperature=config.temperature,
             )
+            _check_active(stats, mask)
+            final = _final_answer_mask(micro_batch, final_answer_ids).to(device) * mask
+            for name, logp in (("nll", stats.student_logp), ("teacher_nll", stats.teacher_logp)):
+                sums[name] += float(torch.where(mask.bool(), -logp, 0.0).sum())
+                sums[f"final_{name}"] += float(torch.where(final.bool(), -logp, 0.0).sum())
             sums["divergence"] += float(torch.where(mask.bool(), stats.divergence, 0.0).sum())
-            sums["nll"] += float(torch.where(mask.bool(), -stats.student_logp, 0.0).sum())
             sums["tokens"] += float(mask.sum())
+            sums["final_tokens"] += float(final.sum())
     return sums
+
+
+def _check_active(stats, mask: torch.Tensor) -> None:
+    """Every active token has a finite log-prob on both sides: a missing one is an error, never padded."""
+    active = mask.bool()
+    for name, logp in (("student", stats.student_logp), ("teacher", stats.teacher_logp)):
+        if logp.shape != mask.shape or not torch.isfinite(logp[active]).all():
+            raise RuntimeError(
+                f"held-out evaluation: {name} log-probs missing or not finite on active tokens"
+            )
+
+
+def _final_answer_mask(batch: OPDBatch, final_answer_ids) -> torch.Tensor:
+    """``[sum R_i]`` 1 on the last run of ``final_answer_ids`` tokens of each answer (its final number)."""
+    parts = []
+    wanted = torch.tensor(sorted(final_answer_ids), dtype=torch.long)
+    for ids, start in zip(batch.input_ids, batch.prompt_lengths.tolist(), strict=True):
+        answer = ids[start:]
+        hits = torch.isin(answer, wanted).tolist()
+        mark = torch.zeros(answer.numel())
+        end = max((i for i, hit in enumerate(hits) if hit), default=None)
+        if end is not None:
+            begin = end
+            while begin > 0 and hits[begin - 1]:
+                begin -= 1
+            mark[begin : end + 1] = 1
+        parts.append(mark)
+    return torch.cat(parts)

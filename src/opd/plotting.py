@@ -13,6 +13,7 @@ _PANELS = (
     ("held-out", ("val-opd/reverse_kl", "val-opd/teacher_answer_nll")),
     ("tool use (agent runs)", ("opd/agent/tool_calls_per_sample", "opd/agent/turns_mean")),
     ("tool errors and mask", ("opd/agent/tool_error_fraction", "opd/tool_mask/tool_fraction")),
+    ("teacher-trace gaps (privileged)", ("val-opd/teacher_trace_nll_gap", "val-opd/final_answer_gap")),
 )
 
 

@@ -21,9 +21,17 @@ _FIELDS = (
     ("tool_tok", "opd/tool_mask/tool_fraction", "{:.2f}"),
     ("val_rkl", "val-opd/reverse_kl", "{:.4f}"),
     ("val_teacher_answer_nll", "val-opd/teacher_answer_nll", "{:.4f}"),
+    ("val_trace_gap", "val-opd/teacher_trace_nll_gap", "{:.4f}"),
+    ("val_final_gap", "val-opd/final_answer_gap", "{:.4f}"),
 )
 
-_HELD_OUT = ("val-opd/reverse_kl", "val-opd/teacher_answer_nll", "val-opd/forward_kl")
+_HELD_OUT = (
+    "val-opd/reverse_kl",
+    "val-opd/teacher_answer_nll",
+    "val-opd/forward_kl",
+    "val-opd/teacher_trace_nll_gap",
+    "val-opd/final_answer_gap",
+)
 
 
 def format_progress(step: int, total_steps: int, metrics: dict) -> str:

@@ -25,6 +25,7 @@ from opd import checkpoints
 from opd.config import OPDConfig
 from opd.progress import format_progress, format_summary
 from opd.reward_weights import sample_weights
+from opd.teacher_prompts import TEACHER_PROMPT_COLUMN, teacher_messages
 
 
 @register_trainer("opd")
@@ -191,25 +192,46 @@ class OPDTrainer(PPOTrainerSync):
     def _validate(self) -> dict[str, float]:
         metrics = super()._validate()
         if self.opd_config.val_num_prompts > 0:
-            metrics.update(self.actor_rollout_wg.evaluate_opd(self._held_out_prompts())[0])
+            prompts, teacher_prompts = self._held_out_prompts()
+            metrics.update(self.actor_rollout_wg.evaluate_opd(prompts, teacher_prompts)[0])
         if not self._training_started:
             self._record_validation_before_training(metrics)
             print(format_progress(self.global_steps, self.total_training_steps, metrics), flush=True)
         return metrics
 
-    def _held_out_prompts(self) -> list[list[int]]:
-        """Token ids of the first ``opd.val_num_prompts`` validation prompts, templated as in rollout."""
+    def _held_out_prompts(self) -> tuple[list[list[int]], list[list[int]] | None]:
+        """Token ids of the first ``opd.val_num_prompts`` validation prompts, templated as in rollout, and
+        the teacher's own prompts for them (None unless ``opd.teacher_prompt`` gives it a privileged one)."""
         if self._held_out is None:
             dataset = self.val_dataloader.dataset
-            count = min(self.opd_config.val_num_prompts, len(dataset))
+            rows = [dataset[i] for i in range(min(self.opd_config.val_num_prompts, len(dataset)))]
             template_kwargs = dict(self.config.data.get("apply_chat_template_kwargs", {}) or {})
-            self._held_out = [
-                chat_prompt_ids(
-                    self.tokenizer, dataset[i]["raw_prompt"], **template_kwargs, **self._row_tools(dataset[i])
-                )
-                for i in range(count)
+            prompts = [
+                chat_prompt_ids(self.tokenizer, row["raw_prompt"], **template_kwargs, **self._row_tools(row))
+                for row in rows
             ]
+            self._held_out = (prompts, self._held_out_teacher_prompts(rows, template_kwargs))
         return self._held_out
+
+    def _held_out_teacher_prompts(self, rows, template_kwargs) -> list[list[int]] | None:
+        mode = self.opd_config.teacher_prompt
+        if mode == "same":
+            return None
+        template = self.opd_config.teacher_prompt_template
+        fields = (TEACHER_PROMPT_COLUMN, "reward_model", "extra_info")
+        return [
+            chat_prompt_ids(
+                self.tokenizer,
+                teacher_messages(
+                    {"prompt": row["raw_prompt"], **{k: row[k] for k in fields if k in row}},
+                    mode,
+                    template,
+                    index=i,
+                ),
+                **template_kwargs,
+            )
+            for i, row in enumerate(rows)
+        ]
 
     def _row_tools(self, row) -> dict:
         """``tools=`` for a row of an agent run: its prompt shows the schemas there as in the rollout."""

@@ -192,19 +192,38 @@ class OPDActorRolloutWorker(ActorRolloutRefWorker):
         filler = batch.zero_weight_copy() if len(batch) else _no_op_batch(self.pad_token_id)
         return _pad_to_common_shape(steps, filler, self.student.get_data_parallel_group())
 
+    def _digit_ids(self) -> list[int]:
+        """Token ids whose text is a digit: the final answer of a held-out trace is its last run of them."""
+        tokenizer = self.student.model_config.tokenizer
+        return sorted(
+            {tokenizer.convert_tokens_to_ids(t) for t in tokenizer.get_vocab() if t.strip().isdigit()}
+        )
+
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
-    def evaluate_opd(self, prompts: list[list[int]]) -> dict[str, float]:
-        """Held-out student-vs-teacher metrics (``val-opd/*``); every rank evaluates the same prompts."""
-        key = tuple(map(tuple, prompts))
+    def evaluate_opd(
+        self, prompts: list[list[int]], teacher_prompts: list[list[int]] | None = None
+    ) -> dict[str, float]:
+        """Held-out student-vs-teacher metrics (``val-opd/*``); every rank evaluates the same prompts.
+
+        ``teacher_prompts``: the teacher's privileged prompt per held-out prompt (``opd.teacher_prompt``).
+        """
+        key = (
+            tuple(map(tuple, prompts)),
+            None if teacher_prompts is None else tuple(map(tuple, teacher_prompts)),
+        )
         metrics, answers = evaluate_held_out(
             student=self.student,
             teacher=self.teacher,
             prompts=[torch.tensor(p, dtype=torch.long) for p in prompts],
+            teacher_prompts=None
+            if teacher_prompts is None
+            else [torch.tensor(p, dtype=torch.long) for p in teacher_prompts],
             config=self.opd_config,
             eos_token_id=self.student.model_config.tokenizer.eos_token_id,
             pad_token_id=self.pad_token_id,
             micro_batch_size=self.micro_batch_size,
             teacher_answers=self._teacher_answers.get(key),
+            final_answer_ids=self._digit_ids(),
         )
         self._teacher_answers = {key: answers}
         return metrics
