@@ -34,6 +34,9 @@ _HELD_OUT = (
 )
 
 
+_TOOL_CALLS = "opd/agent/tool_calls_per_sample"
+
+
 def format_progress(step: int, total_steps: int, metrics: dict) -> str:
     """``[opd] step 3/20 | loss 0.81 | rkl 0.75 | ...`` with whatever of the known metrics is present."""
     parts = [f"[opd] step {step}/{total_steps}"]
@@ -55,4 +58,11 @@ def format_summary(history: list[dict]) -> str:
         lines.append(f"[opd]   {key}: {first:.4f} -> {last:.4f} ({change:+.1f}%)")
     if len(lines) == 1:
         lines.append("[opd]   (fewer than two held-out evaluations)")
+    calls = [record[_TOOL_CALLS] for record in history if _TOOL_CALLS in record]
+    if calls:
+        # agent runs: whether the student kept calling tools while it was distilled
+        lines.append(
+            f"[opd] tool calls per sample: {calls[0]:.2f} (first step) -> {calls[-1]:.2f} (last step), "
+            f"{sum(calls) / len(calls):.2f} on average over {len(calls)} steps"
+        )
     return "\n".join(lines)
