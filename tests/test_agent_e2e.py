@@ -19,8 +19,9 @@ from tiny_models import build_tiny_model
 from agent.chat_template import install_tool_template
 from agent.tools import tool_schemas
 from agent.warm_start import FitConfig, assistant_token_mask, count_tool_calls, fit_assistant_turns
+from data.agent_rows import agent_row
 from data.files import write_parquet
-from data.tool_tasks import DATA_SOURCE, SYSTEM_PROMPT, agent_row
+from data.tool_tasks import DATA_SOURCE, SYSTEM_PROMPT
 
 E2E_TIMEOUT_S = 900
 # a fitted tiny model still slips a character now and then at T = 1; this keeps its calls well formed
@@ -64,7 +65,15 @@ def test_agent_script_runs_a_real_tool_call(isolated_run_env, tmp_path):
     _fit_tool_caller(tmp_path / "student")
     shutil.copytree(tmp_path / "student", tmp_path / "teacher")
     rows = [
-        agent_row(TRANSCRIPT[1:2], "42", data_source=DATA_SOURCE, tools=("calculator",), split=s, index=i)
+        agent_row(
+            TRANSCRIPT[1:2],
+            "42",
+            data_source=DATA_SOURCE,
+            tools=("calculator",),
+            split=s,
+            index=i,
+            system_prompt=SYSTEM_PROMPT,
+        )
         for s in ("train", "val")
         for i in range(2)
     ]

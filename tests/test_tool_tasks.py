@@ -5,8 +5,8 @@ from fractions import Fraction
 
 import pyarrow.parquet as pq
 
+from data.agent_rows import AGENT_NAME
 from data.tool_tasks import (
-    AGENT_NAME,
     DATA_SOURCE,
     TOOLS,
     generate_problems,

@@ -7,7 +7,7 @@ tool or user turn. Only the builder verl maps to the Qwen model types does that;
 other unlisted type) gets the generic builder, which drops the newline, so the rollout's tokens
 differ from the chat template's rendering of the same conversation. verl offers no setting to pick
 the builder, but its agent-loop registry accepts any class: :class:`ChatMLToolAgentLoop` is verl's
-``ToolAgentLoop`` with the ChatML builder, registered under :data:`AGENT_NAME` by
+``ToolAgentLoop`` with the ChatML builder, registered under :data:`AGENT_NAME` (``data.agent_rows``) by
 ``agent/config/agent_loops.yaml`` (``actor_rollout_ref.rollout.agent.agent_loop_config_path``).
 
 The tool schemas reach the model only through the chat template, so the loop refuses a template
@@ -20,7 +20,6 @@ from verl.experimental.agent_loop.tool_agent_loop import ToolAgentLoop
 
 from .chat_template import template_renders_tools
 
-AGENT_NAME = "chatml_tool_agent"
 # AgentLoopBase reads the model type only to pick the Continuous Token builder; verl maps this
 # type to its ChatML builder (QwenContinuousTokenBuilder), which fits every ChatML template.
 CHATML_BUILDER_MODEL_TYPE = "qwen2"

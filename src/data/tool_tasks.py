@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from data.agent_rows import agent_row
+
 DATA_SOURCE = "opd/tool_arithmetic"
-# the project's ChatML tool loop (src/agent/config/agent_loops.yaml), registered by train_opd_agent.sh
-AGENT_NAME = "chatml_tool_agent"
 TOOLS = ("search", "calculator")
 # Short: the chat template adds the tool schemas and the call format to the system turn anyway.
 SYSTEM_PROMPT = (
@@ -124,40 +124,6 @@ def generate_problems(
     raise RuntimeError(f"could only generate {len(problems)} distinct problems of the {count} requested")
 
 
-def agent_row(
-    messages: list[dict[str, str]],
-    ground_truth: str,
-    *,
-    data_source: str,
-    tools: Sequence[str],
-    split: str,
-    index: int,
-    agent_name: str = AGENT_NAME,
-    extra: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """One agent-loop row of verl's RL parquet schema: the tool agent, its tools, a system prompt.
-
-    The search tool's ``create_kwargs`` name no database (null): it then reads the folder from its tool
-    config or ``DATABASE_DIR``, so one data file serves whichever database a run builds.
-    """
-    tools_kwargs = {"search": {"create_kwargs": {"database_dir": None}}} if "search" in tools else {}
-    return {
-        "data_source": data_source,
-        "prompt": [{"role": "system", "content": SYSTEM_PROMPT}, *messages],
-        "ability": "math",
-        "reward_model": {"style": "rule", "ground_truth": ground_truth},
-        "agent_name": agent_name,
-        "extra_info": {
-            "split": split,
-            "index": index,
-            "tool_selection": list(tools),
-            # parquet cannot store an empty struct: rows whose tools take no arguments carry none
-            **({"tools_kwargs": tools_kwargs} if tools_kwargs else {}),
-            **(extra or {}),
-        },
-    }
-
-
 def to_verl_row(problem: ToolProblem, split: str, index: int) -> dict[str, Any]:
     """A problem as an agent row with both tools."""
     return agent_row(
@@ -167,6 +133,7 @@ def to_verl_row(problem: ToolProblem, split: str, index: int) -> dict[str, Any]:
         tools=TOOLS,
         split=split,
         index=index,
+        system_prompt=SYSTEM_PROMPT,
         extra={"answer": problem.answer, "query": problem.query, "expression": problem.expression},
     )
 
