@@ -13,8 +13,10 @@ resolve_tool_model_pair() {
     MODEL_PATH="$(sed -n 1p <<<"$paths")"
     TEACHER_MODEL_PATH="$(sed -n 2p <<<"$paths")"
     OPD_EMBEDDED_DEFAULT=1
-    log "warm start: $(cat "$TEACHER_MODEL_PATH/warm_start.json" | "$OPD_PYTHON" -c \
-      'import json, sys; r = json.load(sys.stdin); print(f"tool-call rate {r[\"call_rate_before\"]:.2f} -> {r[\"call_rate_after\"]:.2f}")')"
+    log "warm start: $("$OPD_PYTHON" -c 'import json, sys
+r = json.load(open(sys.argv[1]))
+print("tool-call rate %.2f -> %.2f" % (r["call_rate_before"], r["call_rate_after"]))' \
+      "$TEACHER_MODEL_PATH/warm_start.json")"
   fi
   resolve_model_pair
 }

@@ -187,7 +187,7 @@ def call_rate(model, tokenizer, conversations: Sequence[list[dict]], tools: list
             do_sample=True,
             top_k=0,
             top_p=1.0,
-            max_new_tokens=40,
+            max_new_tokens=96,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
         )
