@@ -2,8 +2,8 @@
 
 Each transcript solves one generated tool task (``data.tool_tasks``) the way a tool-using model
 should: look the fact up with ``search``, combine it with ``calculator``, answer in ``\\boxed{}``.
-The tool turns hold what the real tools return for those calls, and the assistant's words vary
-between several phrasings so a short fit learns the call format rather than one fixed string.
+The tool turns hold what the real tools return for those calls, and the final answers vary
+between several phrasings so a short fit does not learn one fixed reply.
 """
 
 from __future__ import annotations
@@ -15,18 +15,6 @@ from agent.tools.calculator import calculate
 from agent.tools.search import format_results, search
 from data.tool_tasks import SYSTEM_PROMPT, ToolProblem
 
-_LOOKUPS = (
-    "I need a fact about the {item}, so I will search for it.",
-    "Let me look up the {item}.",
-    "First I search the catalogue for the {item}.",
-    "",
-)
-_COMPUTES = (
-    "Now I compute {expression}.",
-    "The search gave me the number I need. Let me calculate.",
-    "I will use the calculator.",
-    "",
-)
 _ANSWERS = (
     "The answer is \\boxed{{{answer}}}.",
     "So the result is {answer}. Final answer: \\boxed{{{answer}}}.",
@@ -47,13 +35,15 @@ def tool_transcript(problem: ToolProblem, database_file: Path, rng: random.Rando
         {"role": "user", "content": problem.question},
         {
             "role": "assistant",
-            "content": rng.choice(_LOOKUPS).format(item=problem.query),
+            # a call turn holds only the call: a 135M model keeps a fixed opening far better than one
+            # of several phrasings, and every model token of the turn is then part of the call
+            "content": "",
             "tool_calls": [_call("search", query=problem.query)],
         },
         {"role": "tool", "content": found},
         {
             "role": "assistant",
-            "content": rng.choice(_COMPUTES).format(expression=problem.expression),
+            "content": "",
             "tool_calls": [_call("calculator", expression=problem.expression)],
         },
         {"role": "tool", "content": result},

@@ -156,7 +156,9 @@ def save_fitted(model, tokenizer, out_dir: Path) -> None:
 
 TOOL_TEACHER_DIRNAME = "smollm2-135m-instruct-tools"
 # Bump when the warm-start recipe changes so cached folders are rebuilt.
-WARM_START_VERSION = 2
+WARM_START_VERSION = 3
+# the pruned student needs fewer steps to recover the call format it mostly kept
+STUDENT_STEPS = 20
 REPORT_NAME = "warm_start.json"
 _CALL = re.compile(r"<tool_call>\s*(\{.*?\})\s*</tool_call>", re.DOTALL)
 
@@ -210,8 +212,9 @@ def _transcript_examples(tokenizer, count: int, seed: int, scratch: Path) -> tup
     return conversations, [assistant_token_mask(tokenizer, c, tools) for c in conversations]
 
 
-def build_tool_teacher(teacher_dir: Path, out_dir: Path, config: FitConfig, num_train: int = 96) -> dict:
-    """Fit the teacher in ``teacher_dir`` on tool transcripts into ``out_dir``; returns the report."""
+def fit_tool_use(source_dir: Path, out_dir: Path, config: FitConfig, num_train: int = 96) -> dict:
+    """Fit the model in ``source_dir`` on tool transcripts and save it to ``out_dir`` (may be the same
+    folder) with the tools-aware template; returns the report (also written to ``out_dir``)."""
     import tempfile
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -219,10 +222,10 @@ def build_tool_teacher(teacher_dir: Path, out_dir: Path, config: FitConfig, num_
     from agent.chat_template import install_tool_template
     from agent.tools import tool_schemas
 
-    AutoTokenizer.from_pretrained(teacher_dir).save_pretrained(out_dir)
+    model = AutoModelForCausalLM.from_pretrained(source_dir, dtype=torch.float32)
+    AutoTokenizer.from_pretrained(source_dir).save_pretrained(out_dir)
     install_tool_template(out_dir)
     tokenizer = AutoTokenizer.from_pretrained(out_dir)
-    model = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32)
     with tempfile.TemporaryDirectory() as scratch:
         train_conv, train = _transcript_examples(tokenizer, num_train, config.seed + 1, Path(scratch) / "a")
         held_conv, held = _transcript_examples(tokenizer, 8, config.seed + 2, Path(scratch) / "b")
@@ -234,7 +237,7 @@ def build_tool_teacher(teacher_dir: Path, out_dir: Path, config: FitConfig, num_
     report.update(_measure(model, tokenizer, held_conv, held, tools, "after"))
     report["general_nll_after"] = mean_nll(model, general)
     _progress(
-        f"general answers (the teacher's own, no tools): NLL {report['general_nll_before']:.3f} -> "
+        f"general answers (the model's own, no tools): NLL {report['general_nll_before']:.3f} -> "
         f"{report['general_nll_after']:.3f} nats/token"
     )
     model.to(torch.bfloat16).save_pretrained(out_dir)
@@ -274,30 +277,37 @@ def _measure(model, tokenizer, conversations, examples, tools, when: str) -> dic
 def ensure_tool_models(cache_dir: Path | None = None, drop_layers: int | None = None) -> tuple[Path, Path]:
     """Build once and return ``(student_dir, teacher_dir)`` of the embedded tool-using pair.
 
-    The teacher is the embedded SmolLM2 teacher after the warm start; the student is pruned from it
-    exactly as the default student is pruned from the plain teacher, so OPD starts from a student that
-    already knows the call format and distils the full teacher's use of the tools into it.
+    The teacher is the embedded SmolLM2 teacher after the warm start. The student is pruned from it
+    exactly as the default student is pruned from the plain teacher; pruning costs it the call format,
+    so it gets a shorter warm start of its own. OPD then starts from a student that calls tools and
+    distils the full teacher's use of them into it.
     """
     from common import embedded_models as em
 
     root = cache_dir or em.default_cache_dir()
     drop = em.DEFAULT_DROP_LAYERS if drop_layers is None else drop_layers
     base = em.ensure_teacher(root)
-    config = FitConfig()
+    teacher_fit, student_fit = FitConfig(), FitConfig(steps=STUDENT_STEPS)
     recipe = {
         "warm_start_version": WARM_START_VERSION,
         "teacher": json.loads((base / em.MARKER_NAME).read_text()),
-        "fit": config.__dict__,
+        "fit": teacher_fit.__dict__,
     }
-    target = root / TOOL_TEACHER_DIRNAME
+    teacher_dir = root / TOOL_TEACHER_DIRNAME
 
-    def build(tmp: Path) -> None:
-        _progress(f"warm start: fitting the teacher on tool transcripts into {target} (once, a few minutes)")
-        build_tool_teacher(base, tmp, config)
+    def build_teacher(tmp: Path) -> None:
+        _progress(f"warm start: fitting the teacher on tool transcripts into {teacher_dir} (once, minutes)")
+        fit_tool_use(base, tmp, teacher_fit)
 
-    teacher = em.build_atomically(target, recipe, build)
-    student = em.ensure_student(teacher, drop, root, dirname=f"{TOOL_TEACHER_DIRNAME}-drop{drop}")
-    return student, teacher
+    def build_student(tmp: Path) -> None:
+        _progress(f"warm start: pruning {drop} layers of the tool-using teacher, then fitting the student")
+        em.prune_layers(teacher_dir, tmp, drop)
+        fit_tool_use(tmp, tmp, student_fit)
+
+    em.build_atomically(teacher_dir, recipe, build_teacher)
+    student_recipe = {**recipe, "drop_layers": drop, "student_fit": student_fit.__dict__}
+    student = em.build_atomically(root / f"{TOOL_TEACHER_DIRNAME}-drop{drop}", student_recipe, build_student)
+    return student, teacher_dir
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -284,13 +284,10 @@ def student_dirname(drop_layers: int) -> str:
 
 
 def ensure_student(
-    teacher_dir: Path,
-    drop_layers: int = DEFAULT_DROP_LAYERS,
-    cache_dir: Path | None = None,
-    dirname: str | None = None,
+    teacher_dir: Path, drop_layers: int = DEFAULT_DROP_LAYERS, cache_dir: Path | None = None
 ) -> Path:
-    """The pruned student folder (``dirname``, default :func:`student_dirname`), built on first use."""
-    target = (cache_dir or default_cache_dir()) / (dirname or student_dirname(drop_layers))
+    """The pruned student folder, built from ``teacher_dir`` on first use."""
+    target = (cache_dir or default_cache_dir()) / student_dirname(drop_layers)
     marker = teacher_dir / MARKER_NAME
     # The teacher's recipe is part of the student's, so a rebuilt teacher invalidates the student.
     teacher_recipe = json.loads(marker.read_text()) if marker.exists() else str(teacher_dir)
