@@ -19,8 +19,9 @@ from verl.utils.tokenizer.continuous_token import ContinuousTokenBuilder, QwenCo
 from verl.workers.rollout.replica import TokenOutput
 
 from agent.chat_template import tool_template_for
-from agent.tool_agent_loop import AGENT_NAME, ChatMLToolAgentLoop
+from agent.tool_agent_loop import ChatMLToolAgentLoop
 from agent.tools.calculator import CalculatorTool
+from data.agent_rows import AGENT_NAME
 
 AGENT_LOOPS_YAML = Path(__file__).resolve().parents[1] / "src" / "agent" / "config" / "agent_loops.yaml"
 TOOLS = [CALCULATOR_SCHEMA]
