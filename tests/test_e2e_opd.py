@@ -148,3 +148,29 @@ def test_compact_signal_objectives_through_ray(
     if objective == "iw_opd":
         assert 1.0 <= record["opd/iw_opd/weight_min"] <= record["opd/iw_opd/weight_max"] <= 1.5 + 1e-6
         assert "opd/task/pg_clipfrac" in record
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["template", "column"])
+def test_privileged_teacher_prompt_through_ray(pair_and_data, isolated_run_env, tmp_path, mode):
+    """Self-distillation with a privileged teacher prompt: one step and the held-out trace gaps."""
+    root, _, _ = pair_and_data
+    train, val = write_arithmetic_dataset(
+        tmp_path / "data", train_size=8, val_size=4, seed=0, teacher_context="solution"
+    )
+    run_dir = tmp_path / "run"
+    command = _command(root, train, val, f"opd.teacher_prompt={mode}", "trainer.total_training_steps=1")
+    # the student is its own teacher: only the teacher's prompt differs
+    command = [arg.replace(str(root / "teacher"), str(root / "student")) for arg in command]
+    # the teacher's prompt (answer or worked solution) is longer than the student's
+    command += ["opd.max_length=1024", "trainer.save_freq=-1", "trainer.test_freq=1"]
+    command += [f"trainer.default_local_dir={run_dir}"]
+    rc = run_in_own_group(command, isolated_run_env, tmp_path, tmp_path / "opd.log", E2E_TIMEOUT_S)
+    assert rc == 0, (tmp_path / "opd.log").read_text(errors="replace")[-6000:]
+    records = {r["step"]: r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
+    # the same weights on both sides: only the privileged prompt makes the divergence non-zero
+    assert records[1]["opd/loss"] > 1e-4
+    for step in (0, 1):
+        assert (
+            "val-opd/teacher_trace_nll_gap" in records[step] and "val-opd/final_answer_gap" in records[step]
+        )
