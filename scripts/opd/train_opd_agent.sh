@@ -24,7 +24,7 @@ resolve_agent_data
 
 if [[ "${OPD_EMBEDDED_DEFAULT:-0}" == 1 ]]; then
   : "${MODEL_NAME:=smollm2-135m-tools-drop5}" "${TRAIN_BATCH_SIZE:=8}" "${PPO_MICRO_BATCH_SIZE_PER_GPU:=4}"
-  : "${LEARNING_RATE:=5e-5}" "${MAX_PROMPT_LENGTH:=256}" "${MAX_RESPONSE_LENGTH:=160}" "${TOTAL_STEPS:=8}"
+  : "${LEARNING_RATE:=5e-5}" "${MAX_PROMPT_LENGTH:=256}" "${MAX_RESPONSE_LENGTH:=320}" "${TOTAL_STEPS:=8}"
   : "${VAL_BATCH_SIZE:=8}" "${SAVE_FREQ:=$TOTAL_STEPS}" "${TEST_FREQ:=$TOTAL_STEPS}"
 fi
 opd_defaults
