@@ -108,7 +108,12 @@ def test_agent_script_runs_a_real_tool_call(isolated_run_env, tmp_path):
         E2E_TIMEOUT_S,
     )
     print(f"train_opd_agent.sh, 1 step: {time.monotonic() - start:.1f}s wall")
-    assert rc == 0, log[-6000:]
+    full_log = (tmp_path / "run" / "train.log").read_text(errors="replace")
+    assert rc == 0, log[-2000:] + full_log[-6000:]
+    # the console holds the set-up, progress and summary lines; everything else only the run's log
+    console = log.splitlines()
+    assert len(console) < 100 and any(line.startswith("[opd] step 1/1 | loss") for line in console), log
+    assert len(full_log.splitlines()) > 2 * len(console)
     step = {
         r["step"]: r for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
     }[1]

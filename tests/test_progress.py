@@ -1,6 +1,6 @@
 """The console summary at the end of a run."""
 
-from opd.progress import format_progress, format_summary
+from opd.progress import StepClock, format_progress, format_summary
 
 
 def test_summary_shows_held_out_changes_and_tool_calls():
@@ -25,3 +25,20 @@ def test_single_turn_summary_has_no_tool_line():
 def test_progress_line_shows_agent_and_gap_metrics_when_present():
     line = format_progress(3, 8, {"opd/loss": 0.5, "opd/agent/tool_calls_per_sample": 1.25})
     assert line == "[opd] step 3/8 | loss 0.5000 | calls 1.25"
+
+
+def test_the_progress_line_ends_with_the_time_left():
+    assert format_progress(2, 8, {"opd/loss": 0.5}, eta_s=281.4) == "[opd] step 2/8 | loss 0.5000 | eta 4m41s"
+
+
+def test_the_time_left_comes_from_the_steps_this_start_finished(monkeypatch):
+    now = [100.0]
+    monkeypatch.setattr("opd.progress.time.monotonic", lambda: now[0])
+    clock = StepClock(total_steps=10)
+    clock.start(finished_step=4)  # resumed after step 4
+    assert clock.eta_s(4) is None
+    now[0] += 30.0
+    assert clock.eta_s(5) == 150.0  # 30 s per step, 5 steps left
+    now[0] += 50.0
+    assert abs(clock.eta_s(7) - 80.0) < 1e-9  # 80 s over 3 steps, 3 left
+    assert clock.eta_s(10) == 0.0

@@ -17,40 +17,47 @@ opd_early_checks() {
   check_gpu_count
 }
 
-# Defaults of the OPD variables (README.md), then the shared training defaults and their checks.
+# The shared training defaults and their checks. The OPD variables have no defaults here: each becomes an
+# opd.* override only when set, so the trainer's config schema (src/opd/config/schema.py) is the one place
+# their defaults are written.
 opd_defaults() {
   training_defaults
   check_batch_sizes
-  OPD_LOSS_TYPE="${OPD_LOSS_TYPE:-reverse_kl}"
-  OPD_CHUNK_SIZE="${OPD_CHUNK_SIZE:-1024}"
-  OPD_MAX_LENGTH="${OPD_MAX_LENGTH:-null}"
-  OPD_REWARD_BETA="${OPD_REWARD_BETA:-null}"
-  OPD_TOPK="${OPD_TOPK:-64}"
-  OPD_TIP_KEEP_FRACTION="${OPD_TIP_KEEP_FRACTION:-1.0}"
-  OPD_TASK_LOSS_COEF="${OPD_TASK_LOSS_COEF:-0.0}"
   RUN_DIR="${RUN_DIR:-$OUTPUT_ROOT/opd/$MODEL_NAME-$(date +%Y%m%d-%H%M%S)}"
   training_args
 }
 
+# opd.* overrides of the OPD variables that are set (README.md lists them).
+opd_overrides() {
+  local variable key
+  OPD_ARGS=()
+  for variable in LOSS_TYPE CHUNK_SIZE MAX_LENGTH REWARD_BETA TOPK TIP_KEEP_FRACTION TASK_LOSS_COEF \
+      TEACHER_PROMPT TEACHER_PROMPT_TEMPLATE; do
+    key="OPD_$variable"
+    [[ -z "${!key:-}" ]] || OPD_ARGS+=("opd.${variable,,}=${!key}")
+  done
+}
+
 # Print the run's set-up, then replace this shell with the trainer; "$@" are extra hydra overrides.
+# The trainer's whole output goes to RUN_DIR/train.log; the console shows the set-up, one line per step,
+# validation, warnings once each, the summary and any error in full (OPD_VERBOSE=1: every line).
 run_opd() {
+  opd_overrides
+  mkdir -p "$RUN_DIR"
+  local log_file="$RUN_DIR/train.log" show=()
+  [[ "${OPD_VERBOSE:-0}" == 1 ]] && show=(--all)
   log "student $MODEL_PATH"
   log "teacher $TEACHER_MODEL_PATH"
   log "data    $TRAIN_FILES | $VAL_FILES"
   log "output  $RUN_DIR"
+  [[ "${OPD_VERBOSE:-0}" == 1 ]] || log "log     $log_file (OPD_VERBOSE=1 shows all of it here)"
   exec "$OPD_PYTHON" -m opd.main_opd \
     "${TRAINING_ARGS[@]}" \
     actor_rollout_ref.actor.fsdp_config.param_offload=true \
     actor_rollout_ref.actor.fsdp_config.optimizer_offload=true \
     opd.teacher_model_path="$TEACHER_MODEL_PATH" \
-    opd.loss_type="$OPD_LOSS_TYPE" \
-    opd.chunk_size="$OPD_CHUNK_SIZE" \
-    opd.max_length="$OPD_MAX_LENGTH" \
-    opd.reward_beta="$OPD_REWARD_BETA" \
-    opd.topk="$OPD_TOPK" \
-    opd.tip_keep_fraction="$OPD_TIP_KEEP_FRACTION" \
-    opd.task_loss_coef="$OPD_TASK_LOSS_COEF" \
-    ${OPD_TEACHER_PROMPT:+opd.teacher_prompt="$OPD_TEACHER_PROMPT"} \
-    ${OPD_TEACHER_PROMPT_TEMPLATE:+opd.teacher_prompt_template="$OPD_TEACHER_PROMPT_TEMPLATE"} \
-    "$@"
+    "${OPD_ARGS[@]}" \
+    "$@" \
+    > >("$OPD_PYTHON" -m opd.console --log "$log_file" "${show[@]}") \
+    2> >("$OPD_PYTHON" -m opd.console --log "$log_file" "${show[@]}" >&2)
 }

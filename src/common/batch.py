@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from opd.console import warn
+
 logger = logging.getLogger(__name__)
 
 
@@ -58,11 +60,6 @@ class OPDBatch:
 
     def __len__(self) -> int:
         return len(self.input_ids)
-
-    @property
-    def response_lengths(self) -> torch.Tensor:
-        """``[B]`` long."""
-        return torch.tensor([m.numel() for m in self.loss_mask], dtype=torch.long)
 
     def num_loss_tokens(self) -> int:
         """Response tokens that count in the loss."""
@@ -182,9 +179,7 @@ def build_opd_batch(
         loss_masks.append(mask[:keep].to(torch.float32))
 
     if truncated:
-        logger.warning(
-            "opd: truncated the response tail of %d sample(s) to max_length=%s", truncated, max_length
-        )
+        warn(logger, "truncated the response tail of %d sample(s) to max_length=%s", truncated, max_length)
     weights = torch.ones(len(responses)) if sample_weights is None else sample_weights.to(torch.float32)
     if weights.shape != (len(responses),):
         raise ValueError(f"sample_weights has shape {tuple(weights.shape)}, expected ({len(responses)},)")

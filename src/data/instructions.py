@@ -77,12 +77,6 @@ def data_source_name(benchmark: str, variant: str) -> str:
     return base if variant == DEFAULT_VARIANT else f"{base}{VARIANT_SEPARATOR}{variant}"
 
 
-def split_data_source(data_source: str) -> tuple[str, str | None]:
-    """``(base, variant)`` of a data_source; the variant is None when it carries no suffix."""
-    base, sep, variant = str(data_source).partition(VARIANT_SEPARATOR)
-    return base, (variant if sep else None)
-
-
 def strip_instruction(text: str) -> str:
     """The bare problem from a prompt that may already carry a DAPO or boxed instruction."""
     stripped = _DAPO_SUFFIX_RE.sub("", _DAPO_PREFIX_RE.sub("", text, count=1), count=1)

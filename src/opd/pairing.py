@@ -12,6 +12,7 @@ import logging
 from dataclasses import dataclass
 
 from opd.config import OPDConfigError
+from opd.console import warn
 
 logger = logging.getLogger(__name__)
 
@@ -109,8 +110,9 @@ def _warn_on_chat_template(student_tok, teacher_tok) -> None:
     # the teacher reads the student's prompt as templated for the student; a different template is
     # allowed (same tokens, other formatting) but usually a mistake worth seeing
     if getattr(student_tok, "chat_template", None) != getattr(teacher_tok, "chat_template", None):
-        logger.warning(
-            "opd: the teacher's chat template differs from the student's; the teacher will score "
+        warn(
+            logger,
+            "the teacher's chat template differs from the student's; the teacher will score "
             "prompts formatted with the student's template"
         )
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 _FIELDS = (
     ("loss", "opd/loss", "{:.4f}"),
     ("rkl", "opd/sampled_reverse_kl", "{:.4f}"),
@@ -37,13 +39,37 @@ _HELD_OUT = (
 _TOOL_CALLS = "opd/agent/tool_calls_per_sample"
 
 
-def format_progress(step: int, total_steps: int, metrics: dict) -> str:
-    """``[opd] step 3/20 | loss 0.81 | rkl 0.75 | ...`` with whatever of the known metrics is present."""
+def format_progress(step: int, total_steps: int, metrics: dict, eta_s: float | None = None) -> str:
+    """``[opd] step 3/20 | loss 0.81 | rkl 0.75 | ... | eta 4m10s`` with whatever of the known metrics is
+    present."""
     parts = [f"[opd] step {step}/{total_steps}"]
     for label, key, fmt in _FIELDS:
         if key in metrics:
             parts.append(f"{label} {fmt.format(float(metrics[key]))}")
+    if eta_s is not None:
+        minutes, seconds = divmod(round(eta_s), 60)
+        parts.append(f"eta {minutes}m{seconds:02d}s")
     return " | ".join(parts)
+
+
+class StepClock:
+    """Time left in a run, from the mean wall time of the steps this start has finished (validation and
+    checkpoints included, so the estimate covers what the remaining steps will really cost)."""
+
+    def __init__(self, total_steps: int):
+        self.total_steps = total_steps
+        self._start: tuple[int, float] | None = None
+
+    def start(self, finished_step: int) -> None:
+        """Training (re)starts after ``finished_step`` (the restored step on resume, else 0)."""
+        self._start = (finished_step, time.monotonic())
+
+    def eta_s(self, finished_step: int) -> float | None:
+        if self._start is None or finished_step <= self._start[0]:
+            return None
+        first, started = self._start
+        per_step = (time.monotonic() - started) / (finished_step - first)
+        return per_step * max(self.total_steps - finished_step, 0)
 
 
 def format_summary(history: list[dict]) -> str:

@@ -6,6 +6,8 @@ import logging
 
 import torch
 
+from opd.console import warn
+
 logger = logging.getLogger(__name__)
 
 
@@ -36,7 +38,7 @@ def sample_weights(
     finite = torch.isfinite(rewards)
     broken = int((valid & ~finite).sum())
     if broken and (reward_beta is not None or pass_rate_weighting):
-        logger.warning("%d sample(s) have a NaN or infinite reward: left out of this step's loss", broken)
+        warn(logger, "%d sample(s) have a NaN or infinite reward: left out of this step's loss", broken)
         valid = valid & finite
     rewards = torch.where(finite, rewards, 0.0)
     weights = reward_weights(rewards, valid, reward_beta)

@@ -23,7 +23,7 @@ from verl.utils.debug import marked_timer
 from common.batch import chat_prompt_ids
 from opd import checkpoints
 from opd.config import OPDConfig
-from opd.progress import format_progress, format_summary
+from opd.progress import StepClock, format_progress, format_summary
 from opd.reward_weights import sample_weights
 from opd.teacher_prompts import TEACHER_PROMPT_COLUMN, teacher_messages
 
@@ -39,7 +39,8 @@ class OPDTrainer(PPOTrainerSync):
         self.opd_config = OPDConfig.from_dict(OmegaConf.to_container(config.opd, resolve=True))
         self.output_dir = os.path.expanduser(config.trainer.default_local_dir)
         self._history: list[dict] = []
-        self._training_started = False
+        # set when training begins; until then validation is the one before training
+        self._clock: StepClock | None = None
         self._held_out: list[list[int]] | None = None
         self._uncommitted_step: int | None = None
         if config.actor_rollout_ref.actor.get("checkpoint", {}).get("async_save", False):
@@ -110,7 +111,9 @@ class OPDTrainer(PPOTrainerSync):
         return batch
 
     def on_train_begin(self):
-        self._training_started = True
+        self._clock = StepClock(self.total_training_steps)
+        # verl has set global_steps to the step about to run (restored step + 1 on resume)
+        self._clock.start(self.global_steps - 1)
 
     def on_step_begin(self):
         """Stop before a new step when the driver asked to, with the last finished step checkpointed."""
@@ -194,7 +197,7 @@ class OPDTrainer(PPOTrainerSync):
         if self.opd_config.val_num_prompts > 0:
             prompts, teacher_prompts = self._held_out_prompts()
             metrics.update(self.actor_rollout_wg.evaluate_opd(prompts, teacher_prompts)[0])
-        if not self._training_started:
+        if self._clock is None:
             self._record_validation_before_training(metrics)
             print(format_progress(self.global_steps, self.total_training_steps, metrics), flush=True)
         return metrics
@@ -248,7 +251,8 @@ class OPDTrainer(PPOTrainerSync):
         self._record(global_steps, metrics)
         if self._uncommitted_step is not None:
             self._commit_checkpoint()
-        print(format_progress(global_steps, self.total_training_steps, metrics), flush=True)
+        eta = self._clock.eta_s(global_steps) if self._clock else None
+        print(format_progress(global_steps, self.total_training_steps, metrics, eta), flush=True)
 
     def _metrics_path(self) -> str:
         return os.path.join(self.output_dir, checkpoints.METRICS)

@@ -74,8 +74,6 @@ REWARD_FUNCTIONS: dict[str, RewardFunction] = {
 # Benchmarks whose ground truth is a LaTeX answer; the instruction variant picks the grader.
 MATH_BENCHMARKS = ("math", "math500", "aime2024", "aime2025", "dapo_math")
 MATH_REWARD_BY_VARIANT = {"boxed": "math_reward", "dapo": "dapo_reward", "none": "free_form_reward"}
-# data_sources of the boxed variant (the suffix-free names), kept for callers that list them.
-MATH_DATA_SOURCES = tuple(data_source_name(benchmark, "boxed") for benchmark in MATH_BENCHMARKS)
 
 _SCORERS: dict[str, RewardFunction] = {
     ARITHMETIC_DATA_SOURCE: REWARD_FUNCTIONS["arithmetic_reward"],
