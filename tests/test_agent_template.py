@@ -247,3 +247,27 @@ def test_llama_default_builder_drops_the_turn_newline(tiny_tool_tokenizer):
     full = tiny_tool_tokenizer.apply_chat_template(CONVERSATION, tools=[CALCULATOR_SCHEMA], return_dict=False)
     incremental = _incremental_ids(builder, tiny_tool_tokenizer)
     assert len(incremental) == len(full) - 2 and incremental != full[:-1]
+
+
+def test_prompts_rendered_outside_the_loop_show_the_rows_tools(tiny_tool_tokenizer):
+    """Held-out prompts and a privileged teacher's prompt list the tools the rollout's prompt listed."""
+    from omegaconf import OmegaConf
+
+    from agent.tools import TOOL_CONFIG, row_tools
+    from opd.teacher_prompts import tokenize_teacher_prompts
+
+    multi_turn = OmegaConf.create({"enable": True, "tool_config_path": str(TOOL_CONFIG)})
+    only_calculator = row_tools(multi_turn, {"tool_selection": ["calculator"]})
+    assert [t["function"]["name"] for t in only_calculator["tools"]] == ["calculator"]
+    assert [t["function"]["name"] for t in row_tools(multi_turn, None)["tools"]] == ["calculator", "search"]
+    assert row_tools(OmegaConf.create({"enable": False}), {"tool_selection": ["calculator"]}) == {}
+
+    plain, with_tools = tokenize_teacher_prompts(
+        tiny_tool_tokenizer, [QUESTION, QUESTION], tools_per_row=[{}, only_calculator]
+    )
+    assert tiny_tool_tokenizer.decode(with_tools) == tiny_tool_tokenizer.apply_chat_template(
+        QUESTION, tools=only_calculator["tools"], add_generation_prompt=True, tokenize=False
+    )
+    assert "calculator(expression" in tiny_tool_tokenizer.decode(with_tools)
+    assert "calculator(expression" not in tiny_tool_tokenizer.decode(plain)
+    assert "search(" not in tiny_tool_tokenizer.decode(with_tools)

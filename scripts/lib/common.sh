@@ -146,6 +146,7 @@ resolve_model_pair() {
       # privileged self-distillation: the full model is both the student and its own privileged teacher
       log "OPD_TEACHER_PROMPT=$OPD_TEACHER_PROMPT: self-distillation of the full embedded model"
       MODEL_PATH="$TEACHER_MODEL_PATH"
+      MODEL_NAME="${MODEL_NAME:-smollm2-135m-privileged}"
     fi
     OPD_EMBEDDED_DEFAULT=1
   elif [[ -z "${MODEL_PATH:-}" ]]; then

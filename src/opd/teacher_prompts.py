@@ -138,12 +138,16 @@ def context_messages(row: Mapping[str, Any], context: str, *, index: int | None 
 
 
 def tokenize_teacher_prompts(
-    tokenizer, messages_per_row: Sequence[Sequence[Mapping]], chat_template_kwargs: Mapping | None = None
+    tokenizer,
+    messages_per_row: Sequence[Sequence[Mapping]],
+    chat_template_kwargs: Mapping | None = None,
+    tools_per_row: Sequence[Mapping] | None = None,
 ):
     """Token ids of each teacher chat, templated as the rollout templates the student's prompt.
 
     Use the TEACHER's tokenizer (its chat template) and the student's ``apply_chat_template_kwargs``
-    (``data.apply_chat_template_kwargs``), so the two prompts differ only in their content.
+    (``data.apply_chat_template_kwargs``), so the two prompts differ only in their content; in agent runs
+    ``tools_per_row`` holds each row's ``{"tools": schemas}`` (``agent.tools.row_tools``).
 
     Returns:
         Per row a ``[P'_i]`` long tensor ending with the assistant header, for
@@ -155,9 +159,10 @@ def tokenize_teacher_prompts(
     from common.batch import chat_prompt_ids
 
     kwargs = dict(chat_template_kwargs or {})
+    tools_per_row = tools_per_row or [{}] * len(messages_per_row)
     return [
-        torch.as_tensor(chat_prompt_ids(tokenizer, messages, **kwargs), dtype=torch.long)
-        for messages in messages_per_row
+        torch.as_tensor(chat_prompt_ids(tokenizer, messages, **kwargs, **tools), dtype=torch.long)
+        for messages, tools in zip(messages_per_row, tools_per_row, strict=True)
     ]
 
 

@@ -20,6 +20,7 @@ from verl.trainer.ppo.v1.trainer_base import register_trainer
 from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 from verl.utils.debug import marked_timer
 
+from agent.tools import row_tools
 from common.batch import chat_prompt_ids
 from opd import checkpoints
 from opd.config import OPDConfig
@@ -232,19 +233,13 @@ class OPDTrainer(PPOTrainerSync):
                     index=i,
                 ),
                 **template_kwargs,
+                **self._row_tools(row),
             )
             for i, row in enumerate(rows)
         ]
 
     def _row_tools(self, row) -> dict:
-        """``tools=`` for a row of an agent run: its prompt shows the schemas there as in the rollout."""
-        multi_turn = self.config.actor_rollout_ref.rollout.multi_turn
-        if not multi_turn.enable or not multi_turn.get("tool_config_path"):
-            return {}
-        from agent.tools import tool_schemas
-
-        selection = (row.get("extra_info") or {}).get("tool_selection")
-        return {"tools": tool_schemas(multi_turn.tool_config_path, names=selection or None)}
+        return row_tools(self.config.actor_rollout_ref.rollout.multi_turn, row.get("extra_info"))
 
     def _compute_metrics(self, batch, metrics, timing_raw, global_steps, epoch):
         super()._compute_metrics(batch, metrics, timing_raw, global_steps, epoch)

@@ -19,6 +19,7 @@ from verl.utils import tensordict_utils as tu
 from verl.utils.config import omega_conf_to_dataclass
 from verl.workers.engine_workers import ActorRolloutRefWorker
 
+from agent.tools import row_tools
 from common.batch import OPDBatch, build_opd_batch, micro_batch_rows
 from opd.agent_metrics import agent_metrics, agent_sums
 from opd.config import OPDConfig
@@ -179,7 +180,9 @@ class OPDActorRolloutWorker(ActorRolloutRefWorker):
         template = self.opd_config.teacher_prompt_template
         messages = [teacher_messages(row, mode, template, index=i) for i, row in enumerate(rows)]
         template_kwargs = dict(self.config.get("apply_chat_template_kwargs") or {})
-        return tokenize_teacher_prompts(self.teacher.model_config.tokenizer, messages, template_kwargs)
+        # agent runs: the teacher's prompt shows the tool schemas the student's showed in the rollout
+        tools = [row_tools(self.config.rollout.multi_turn, row.get("extra_info")) for row in rows]
+        return tokenize_teacher_prompts(self.teacher.model_config.tokenizer, messages, template_kwargs, tools)
 
     def _plan_steps(self, batch: OPDBatch, global_mini_batch_size: int) -> list[list[OPDBatch]]:
         """Mini-batches (one optimizer step each) of micro-batches, equal in count on every rank."""
