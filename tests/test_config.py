@@ -63,3 +63,5 @@ def test_the_shipped_opd_block_has_the_declared_types(teacher_dir):
 
     values = OmegaConf.to_container(compose_opd_config(teacher_dir, teacher_dir).opd, resolve=True)
     assert OPDConfig.from_dict(values).validate().teacher_model_path == teacher_dir
+    # every default comes from OPDConfig, the one place it is written
+    assert values == {**OPDConfig.defaults(), "teacher_model_path": teacher_dir}

@@ -275,6 +275,11 @@ class OPDConfig:
         return {"alpha": self.skew_alpha, "reverse_weight": weight, **self.extra}
 
     @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """Every key with its default, as the trainer config's ``opd:`` block starts out."""
+        return {f.name: _default_of(f) for f in dataclasses.fields(cls)}
+
+    @classmethod
     def from_dict(cls, values: dict[str, Any]) -> OPDConfig:
         """Build from a plain mapping, rejecting keys this dataclass does not know."""
         cls.check_keys(values)
@@ -288,6 +293,12 @@ class OPDConfig:
         if unknown:
             named = [f"opd.{key}{_suggestion(key, known)}" for key in unknown]
             raise OPDConfigError(f"unknown key(s) {', '.join(named)}; known keys: {known}")
+
+
+def _default_of(spec: dataclasses.Field) -> Any:
+    if spec.default_factory is not dataclasses.MISSING:
+        return spec.default_factory()
+    return spec.default
 
 
 def _suggestion(key: str, known: list[str]) -> str:
