@@ -11,7 +11,7 @@ import os
 import sys
 
 import hydra
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, open_dict
 
 from common.verl_surface import VerlSurfaceError, check_verl_surface
 from opd.config import OPDConfig, OPDConfigError
@@ -31,7 +31,7 @@ def validate_before_launch(config: DictConfig) -> OPDConfig:
         config.actor_rollout_ref.apply_chat_template_kwargs = template_kwargs
         if config.opd.get("max_length") is None:
             config.opd.max_length = int(config.data.max_prompt_length) + int(config.data.max_response_length)
-    opd_config = OPDConfig.from_dict(OmegaConf.to_container(config.opd, resolve=True)).validate()
+    opd_config = OPDConfig.from_node(config.opd)
     student_path = os.path.expanduser(str(config.actor_rollout_ref.model.path))
     if not os.path.isdir(student_path):
         raise OPDConfigError(f"actor_rollout_ref.model.path: no such folder: {student_path} (MODEL_PATH)")

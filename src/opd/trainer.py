@@ -14,7 +14,7 @@ import os
 import ray
 import torch
 import transfer_queue as tq
-from omegaconf import OmegaConf, open_dict
+from omegaconf import open_dict
 from tensordict import TensorDict
 from verl.trainer.ppo.v1.trainer_base import register_trainer
 from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
@@ -37,7 +37,7 @@ class OPDTrainer(PPOTrainerSync):
         with open_dict(config):
             config.actor_rollout_ref.opd = config.opd
         super().__init__(config)
-        self.opd_config = OPDConfig.from_dict(OmegaConf.to_container(config.opd, resolve=True))
+        self.opd_config = OPDConfig.from_node(config.opd)
         self.output_dir = os.path.expanduser(config.trainer.default_local_dir)
         self._history: list[dict] = []
         # set when training begins; until then validation is the one before training

@@ -37,9 +37,7 @@ class OPDActorRolloutWorker(ActorRolloutRefWorker):
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
     def init_model(self):
         super().init_model()
-        self.opd_config = OPDConfig.from_dict(
-            OmegaConf.to_container(self.config.opd, resolve=True)
-        ).validate()
+        self.opd_config = OPDConfig.from_node(self.config.opd)
         actor_config = omega_conf_to_dataclass(self.config.actor)
         self.rollout_temperature = float(self.config.rollout.temperature)
         self.opd_config.check_rollout_temperature(self.rollout_temperature)

@@ -280,6 +280,14 @@ class OPDConfig:
         return {f.name: _default_of(f) for f in dataclasses.fields(cls)}
 
     @classmethod
+    def from_node(cls, node) -> OPDConfig:
+        """Build and validate from the composed config's ``opd`` node (an omegaconf DictConfig); the one
+        parser the launcher, the trainer and every worker use, so they cannot read the block differently."""
+        from omegaconf import OmegaConf
+
+        return cls.from_dict(OmegaConf.to_container(node, resolve=True)).validate()
+
+    @classmethod
     def from_dict(cls, values: dict[str, Any]) -> OPDConfig:
         """Build from a plain mapping, rejecting keys this dataclass does not know."""
         cls.check_keys(values)
