@@ -38,6 +38,10 @@ class FitConfig:
     seed: int = 0
     """Order of the conversations and dropout."""
 
+    replay: int = 32
+    """The model's own greedy answers to plain questions (no tools) mixed into the fit, so learning
+    the call format does not cost it its ordinary answers (0: transcripts only)."""
+
 
 def assistant_token_mask(
     tokenizer, messages: Sequence[dict], tools: Sequence[dict] | None
@@ -156,7 +160,7 @@ def save_fitted(model, tokenizer, out_dir: Path) -> None:
 
 TOOL_TEACHER_DIRNAME = "smollm2-135m-instruct-tools"
 # Bump when the warm-start recipe changes so cached folders are rebuilt.
-WARM_START_VERSION = 3
+WARM_START_VERSION = 4
 # the pruned student needs fewer steps to recover the call format it mostly kept
 STUDENT_STEPS = 20
 REPORT_NAME = "warm_start.json"
@@ -231,9 +235,10 @@ def fit_tool_use(source_dir: Path, out_dir: Path, config: FitConfig, num_train: 
         held_conv, held = _transcript_examples(tokenizer, 8, config.seed + 2, Path(scratch) / "b")
     tools = tool_schemas()
     general = _own_answers(model, tokenizer, config.seed + 3)
+    replay = _own_answers(model, tokenizer, config.seed + 4, config.replay) if config.replay else []
     report = _measure(model, tokenizer, held_conv, held, tools, "before")
     report["general_nll_before"] = mean_nll(model, general)
-    report["losses"] = fit_assistant_turns(model, train, config)
+    report["losses"] = fit_assistant_turns(model, train + replay, config)
     report.update(_measure(model, tokenizer, held_conv, held, tools, "after"))
     report["general_nll_after"] = mean_nll(model, general)
     _progress(
@@ -250,7 +255,8 @@ def _own_answers(model, tokenizer, seed: int, count: int = 8) -> list[tuple[list
     """The model's own greedy answers to plain arithmetic questions, as (ids, mask) examples.
 
     Their NLL before and after the fit shows whether learning the tool format cost the model its
-    ordinary answers (a fit on uniform transcripts can over-fit into calling tools for everything).
+    ordinary answers (a fit on uniform transcripts can over-fit into calling tools for everything);
+    mixed into the fit, they hold those answers in place.
     """
     from data.arithmetic import INSTRUCTION, generate_problems
 
