@@ -22,7 +22,7 @@ NOISE = [
 OWN = [
     "[train_opd.sh] student /models/s",
     "(TaskRunner pid=812) [opd] step 0/8 | val_rkl 0.1270",
-    "(TaskRunner pid=812, ip=10.0.0.2) [opd] step 1/8 | loss 0.0123 | eta 4m40s",
+    "\x1b[36m(TaskRunner pid=812, ip=10.0.0.2)\x1b[0m [opd] step 1/8 | loss 0.0123 | eta 4m40s",
     "[opd] held-out summary (first -> last evaluation):",
 ]
 

@@ -21,9 +21,10 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 WARNING_TAG = "[opd] warning:"
-# the prefix Ray puts on lines it forwards from an actor or task: "(TaskRunner pid=123) " or
-# "(WorkerDict pid=7, ip=10.0.0.1) "
-_RAY_PREFIX = re.compile(r"^\(\w+ pid=\d+(?:, ip=[\d.]+)?\) ")
+# the prefix Ray puts on lines it forwards from an actor or task, in colour or not:
+# "(TaskRunner pid=123) ", "\x1b[36m(WorkerDict pid=7, ip=10.0.0.1)\x1b[0m "
+_COLOUR = r"(?:\x1b\[[0-9;]*m)?"
+_RAY_PREFIX = re.compile(rf"^{_COLOUR}\(\w+ pid=\d+(?:, ip=[\d.]+)?\){_COLOUR} ")
 _OWN_TAGS = re.compile(r"^\[(?:opd|warm_start|build_tool_database|tool_tasks|[\w.-]+\.sh)\] ")
 _ERROR_START = re.compile(
     r"^(?:Traceback \(most recent call last\)|error: |opd: |[\w.]*(?:Error|Exception)(?:\(|:|$))"
