@@ -103,3 +103,19 @@ def test_each_phase_reports_its_own_peak_not_the_processs_lifetime_peak():
     with phase_meter() as small:
         sum(range(1000))
     assert big["peak_gb"] - small["peak_gb"] > 0.3, (big, small)
+
+
+def test_a_recurring_warning_is_logged_once_per_process(caplog):
+    import logging
+
+    from opd.console import warn
+
+    logger = logging.getLogger("opd.test_console")
+    with caplog.at_level(logging.WARNING, logger="opd.test_console"):
+        for count in (4, 6, 7):
+            warn(logger, "truncated %d sample(s) of a test", count)
+        warn(logger, "another test condition")
+    assert caplog.messages == [
+        "[opd] warning: truncated 4 sample(s) of a test",
+        "[opd] warning: another test condition",
+    ]

@@ -147,6 +147,8 @@ resolve_model_pair() {
       log "OPD_TEACHER_PROMPT=$OPD_TEACHER_PROMPT: self-distillation of the full embedded model"
       MODEL_PATH="$TEACHER_MODEL_PATH"
       MODEL_NAME="${MODEL_NAME:-smollm2-135m-privileged}"
+      # the privileged prompt is longer than the student's: room for it, so no response tail is cut
+      OPD_MAX_LENGTH="${OPD_MAX_LENGTH:-256}"
     fi
     OPD_EMBEDDED_DEFAULT=1
   elif [[ -z "${MODEL_PATH:-}" ]]; then

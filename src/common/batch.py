@@ -179,7 +179,13 @@ def build_opd_batch(
         loss_masks.append(mask[:keep].to(torch.float32))
 
     if truncated:
-        warn(logger, "truncated the response tail of %d sample(s) to max_length=%s", truncated, max_length)
+        warn(
+            logger,
+            "truncated the response tail of %d sample(s) to opd.max_length=%s (OPD_MAX_LENGTH); every "
+            "step's count is in opd/truncated_samples",
+            truncated,
+            max_length,
+        )
     weights = torch.ones(len(responses)) if sample_weights is None else sample_weights.to(torch.float32)
     if weights.shape != (len(responses),):
         raise ValueError(f"sample_weights has shape {tuple(weights.shape)}, expected ({len(responses)},)")

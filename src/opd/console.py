@@ -31,8 +31,16 @@ _ERROR_START = re.compile(
 )
 
 
+_warned: set[str] = set()
+
+
 def warn(logger: logging.Logger, message: str, *args) -> None:
-    """Log a warning that needs the user; the console shows it once, whichever process logs it."""
+    """Log a warning that needs the user, once per process and ``message`` template (whatever ``args``):
+    a condition that recurs every step is counted in a metric, not repeated. The console then shows each
+    text once, whichever process logs it."""
+    if message in _warned:
+        return
+    _warned.add(message)
     logger.warning(f"{WARNING_TAG} {message}", *args)
 
 

@@ -38,7 +38,12 @@ def sample_weights(
     finite = torch.isfinite(rewards)
     broken = int((valid & ~finite).sum())
     if broken and (reward_beta is not None or pass_rate_weighting):
-        warn(logger, "%d sample(s) have a NaN or infinite reward: left out of this step's loss", broken)
+        warn(
+            logger,
+            "%d sample(s) have a NaN or infinite reward: left out of the loss (every step's count is in "
+            "opd/non_finite_rewards)",
+            broken,
+        )
         valid = valid & finite
     rewards = torch.where(finite, rewards, 0.0)
     weights = reward_weights(rewards, valid, reward_beta)
