@@ -23,8 +23,10 @@ resolve_tool_model_pair
 resolve_agent_data
 
 if [[ "${OPD_EMBEDDED_DEFAULT:-0}" == 1 ]]; then
+  # a smaller step than the plain demo's 5e-5: the warm-started student is already close to the teacher,
+  # and at 5e-5 Adam's full-size steps on its small gradients cost it its answers (docs/benchmarks.md)
   : "${MODEL_NAME:=smollm2-135m-tools-drop5}" "${TRAIN_BATCH_SIZE:=8}" "${PPO_MICRO_BATCH_SIZE_PER_GPU:=4}"
-  : "${LEARNING_RATE:=5e-5}" "${MAX_PROMPT_LENGTH:=256}" "${MAX_RESPONSE_LENGTH:=320}" "${TOTAL_STEPS:=8}"
+  : "${LEARNING_RATE:=1e-5}" "${MAX_PROMPT_LENGTH:=256}" "${MAX_RESPONSE_LENGTH:=320}" "${TOTAL_STEPS:=8}"
   : "${VAL_BATCH_SIZE:=8}" "${SAVE_FREQ:=$TOTAL_STEPS}" "${TEST_FREQ:=$TOTAL_STEPS}"
 fi
 opd_defaults
