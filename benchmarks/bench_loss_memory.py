@@ -34,8 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from memtrack import measure_peak_bytes  # noqa: E402
 
-from opd.losses import chunked_distill_loss, get_loss  # noqa: E402
-from opd.pg_losses import PG_OBJECTIVES, chunked_token_logp, sampled_token_stats  # noqa: E402
+from opd.objectives.divergences import chunked_distill_loss, get_loss  # noqa: E402
+from opd.objectives.policy_gradient import PG_OBJECTIVES, chunked_token_logp, sampled_token_stats  # noqa: E402
 
 MIB = 2**20
 # Full-size fp32 [N, V] buffers a naive loss keeps alive at its peak (measured ~5-6 for reverse_kl, more for

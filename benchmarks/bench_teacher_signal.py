@@ -28,7 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from opd.config import OPDConfig  # noqa: E402
 from opd.objectives import MicroBatchTokens, ObjectiveContext, distillation_objective  # noqa: E402
-from opd.teacher import CachedSignal, SignalSpec, _to_host, _to_host_signal  # noqa: E402
+from opd.objectives.teacher_signal import CachedSignal, SignalSpec  # noqa: E402
+from opd.objectives.teacher_signal import signal_from_logits as _to_host_signal  # noqa: E402
+from opd.objectives.teacher_signal import to_host as _to_host  # noqa: E402
 
 SAMPLE_TOKENS = 4
 RESPONSES, RESPONSE_TOKENS = 8, 8192  # one update of one rank, as in README's sizing example

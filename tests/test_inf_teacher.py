@@ -1,8 +1,8 @@
 """Teacher log-probs of -inf on weighted tokens: every objective floors them, stays finite and counts them.
 
-The rule (``opd.losses``): after the log-softmax at the loss temperature, every teacher log-prob an
-objective reads is raised to ``TEACHER_LOGP_FLOOR``. The float64 references here apply that floor and
-nothing else; the helpers also serve ``test_padded_heads.py``.
+The rule (``opd.objectives.teacher_signal``): after the log-softmax at the loss temperature, every teacher
+log-prob an objective reads is raised to ``TEACHER_LOGP_FLOOR``. The float64 references here apply that floor
+and nothing else; the helpers also serve ``test_padded_heads.py`` and ``test_fused_head.py``.
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ from test_pg_losses import policy_config, ref_ppo_clip, ref_prefix_weights  # no
 from test_skew_losses import _ref_skew
 
 from opd.config import OPDConfig
-from opd.losses import LOSS_REGISTRY, TEACHER_LOGP_FLOOR
 from opd.objectives import MicroBatchTokens, ObjectiveContext, distillation_objective
-from opd.pg_losses import PG_OBJECTIVES, SAMPLED_RKL_PG
-from opd.teacher import SignalSpec, _to_host_signal
-from opd.topk_losses import TOPK_LOSS
+from opd.objectives.divergences import LOSS_REGISTRY
+from opd.objectives.policy_gradient import PG_OBJECTIVES, SAMPLED_RKL_PG
+from opd.objectives.teacher_signal import TEACHER_LOGP_FLOOR, SignalSpec, signal_from_logits
+from opd.objectives.topk import TOPK_LOSS
 
 NEG_INF = float("-inf")
 TEMPERATURE = 0.8  # loss and rollout temperature alike: iw_opd requires them equal
@@ -55,10 +55,10 @@ def run_objective(config, student, teacher, ids, weights, policy_config):  # noq
         chunk_size=CHUNK,
         vocab_limit=student.shape[1],
     )
-    signal = _to_host_signal(teacher, ids, spec)
+    signal = signal_from_logits(teacher, ids, spec)
     x = student.clone().requires_grad_(True)
     tokens = MicroBatchTokens(
-        logits=x,
+        student=x,
         token_ids=ids,
         mask=(weights != 0).float(),
         lengths=LENGTHS,

@@ -1,19 +1,19 @@
-"""Correctness of opd.losses against a naive float64 reference (full log-softmax, plain autograd)."""
+"""The full-vocabulary divergences (opd.objectives.divergences) against a naive float64 reference (full
+log-softmax, plain autograd)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from opd.losses import (
-    LOGIT_GRAD_REGISTRY,
+from opd.objectives.divergences import (
     LOSS_REGISTRY,
-    TEACHER_LOGP_FLOOR,
     TokenStats,
     chunked_distill_loss,
     get_loss,
     register_loss,
 )
+from opd.objectives.teacher_signal import TEACHER_LOGP_FLOOR
 
 LOSS_TYPES = ["reverse_kl", "forward_kl", "jsd"]
 BETA = 0.3  # not 0.5, so a swapped p/q in the JSD mixture would be caught
@@ -69,6 +69,7 @@ def reference(student, teacher, ids, weights, loss_type, temperature=1.0, beta=B
 def run(student, teacher, ids, weights, loss_type, **kw):
     """Chunked loss + grad wrt student, from a fresh leaf."""
     kw.setdefault("beta", BETA)
+    kw.setdefault("chunk_size", 8)
     s = student.detach().clone().requires_grad_(True)
     loss, stats = chunked_distill_loss(s, teacher, ids, weights, loss_type=loss_type, **kw)
     loss.backward()
@@ -222,7 +223,7 @@ def test_teacher_larger_vocab(loss_type):
     assert_matches(student, teacher, ids, weights, loss_type, chunk_size=6)
     # The reference itself slices and renormalises; check slicing really changes the answer.
     full = torch.log_softmax(teacher.double(), -1).gather(-1, ids[:, None]).squeeze(-1)
-    _, stats = chunked_distill_loss(student, teacher, ids, weights, loss_type=loss_type)
+    _, stats = chunked_distill_loss(student, teacher, ids, weights, loss_type=loss_type, chunk_size=6)
     assert not torch.allclose(stats.teacher_logp.double(), full, atol=1e-3)
 
 
@@ -257,7 +258,7 @@ def test_grad_output_scaling():
 def test_empty_input():
     student = torch.zeros(0, 16, requires_grad=True)
     loss, stats = chunked_distill_loss(
-        student, torch.zeros(0, 16), torch.zeros(0, dtype=torch.long), torch.zeros(0)
+        student, torch.zeros(0, 16), torch.zeros(0, dtype=torch.long), torch.zeros(0), chunk_size=4
     )
     assert loss.item() == 0.0 and loss.dtype == torch.float32 and loss.grad_fn is not None
     assert all(t.shape == (0,) and t.dtype == torch.float32 for t in vars(stats).values())
@@ -274,8 +275,8 @@ def test_empty_input():
 def autograd_aliases():
     """The built-in divergences registered again without logit_grad, as "autograd_<name>"."""
     for name in LOSS_TYPES:
-        register_loss(f"autograd_{name}")(LOSS_REGISTRY[name])
-    assert not any(f"autograd_{name}" in LOGIT_GRAD_REGISTRY for name in LOSS_TYPES)
+        register_loss(f"autograd_{name}")(get_loss(name))
+    assert all(LOSS_REGISTRY[f"autograd_{name}"].logit_grad is None for name in LOSS_TYPES)
     yield
     for name in LOSS_TYPES:
         LOSS_REGISTRY.pop(f"autograd_{name}")
@@ -335,15 +336,15 @@ def test_gradcheck(loss_type):
 
 def test_registry_contents_and_unknown_name():
     assert set(LOSS_TYPES) <= set(LOSS_REGISTRY)
-    assert set(LOSS_TYPES) <= set(LOGIT_GRAD_REGISTRY)
-    assert get_loss("jsd") is LOSS_REGISTRY["jsd"]
+    assert all(LOSS_REGISTRY[name].logit_grad is not None for name in LOSS_TYPES)
+    assert get_loss("jsd") is LOSS_REGISTRY["jsd"].fn
     with pytest.raises(ValueError, match="bogus") as err:
         get_loss("bogus")
     for name in LOSS_TYPES:
         assert name in str(err.value)
     student, teacher, ids, weights = make_inputs(3, 8)
     with pytest.raises(ValueError, match="reverse_kl"):
-        chunked_distill_loss(student, teacher, ids, weights, loss_type="bogus")
+        chunked_distill_loss(student, teacher, ids, weights, loss_type="bogus", chunk_size=4)
 
 
 def test_register_new_loss_is_used():
@@ -382,12 +383,23 @@ def test_register_loss_params_reach_only_losses_that_take_them():
         student, teacher, ids, weights = make_inputs(4, 8)
         extra = {"alpha": 3.0, "gamma": "x"}
         chunked_distill_loss(
-            student, teacher, ids, weights, loss_type="test_kwargs", beta=0.25, loss_params=extra
+            student,
+            teacher,
+            ids,
+            weights,
+            loss_type="test_kwargs",
+            beta=0.25,
+            loss_params=extra,
+            chunk_size=4,
         )
-        chunked_distill_loss(student, teacher, ids, weights, loss_type="test_named", loss_params=extra)
+        chunked_distill_loss(
+            student, teacher, ids, weights, loss_type="test_named", loss_params=extra, chunk_size=4
+        )
         assert seen == {"kwargs": {"beta": 0.25, "alpha": 3.0, "gamma": "x"}, "named": 3.0}
         with pytest.raises(ValueError, match="beta"):
-            chunked_distill_loss(student, teacher, ids, weights, loss_type="jsd", loss_params={"beta": 0.2})
+            chunked_distill_loss(
+                student, teacher, ids, weights, loss_type="jsd", loss_params={"beta": 0.2}, chunk_size=4
+            )
     finally:
         LOSS_REGISTRY.pop("test_kwargs")
         LOSS_REGISTRY.pop("test_named")
@@ -409,12 +421,12 @@ def test_register_loss_params_reach_only_losses_that_take_them():
 def test_invalid_scalars(kwargs, match):
     student, teacher, ids, weights = make_inputs(4, 8)
     with pytest.raises(ValueError, match=match):
-        chunked_distill_loss(student, teacher, ids, weights, **kwargs)
+        chunked_distill_loss(student, teacher, ids, weights, **{"chunk_size": 4, **kwargs})
 
 
 def test_beta_ignored_by_losses_without_it():
     student, teacher, ids, weights = make_inputs(4, 8)
-    chunked_distill_loss(student, teacher, ids, weights, loss_type="reverse_kl", beta=0.0)
+    chunked_distill_loss(student, teacher, ids, weights, loss_type="reverse_kl", beta=0.0, chunk_size=4)
 
 
 @pytest.mark.parametrize("bad", ["teacher_rows", "ids_len", "weights_len", "ids_float", "weights_bool", "1d"])
@@ -433,11 +445,11 @@ def test_invalid_tensors(bad):
     else:
         student = student[0]
     with pytest.raises(ValueError):
-        chunked_distill_loss(student, teacher, ids, weights)
+        chunked_distill_loss(student, teacher, ids, weights, chunk_size=4)
 
 
 def test_forward_then_reverse_kl_blends_the_two_kls():
-    from opd.schedule import reverse_kl_weight
+    from opd.objectives.schedule import reverse_kl_weight
 
     torch.manual_seed(0)
     student, teacher = torch.randn(7, 11, dtype=torch.float64), torch.randn(7, 11, dtype=torch.float64)

@@ -1,6 +1,6 @@
 """Output heads of different sizes (padded rows) on either side, for every teacher signal.
 
-The rule (``opd.losses``): the divergence compares the shared ids ``< V = min(V_s, V_t)``, with both
+The rule (``opd.objectives``): the divergence compares the shared ids ``< V = min(V_s, V_t)``, with both
 distributions renormalised there; a student's extra rows get no gradient from it. The policy-gradient
 ratio alone keeps the student's whole head, which is what the rollout sampled from.
 """
@@ -13,8 +13,8 @@ from test_inf_teacher import TEMPERATURE, make_config, reference, run_objective,
 from test_losses import make_inputs
 from test_pg_losses import policy_config  # noqa: F401
 
-from opd.losses import TEACHER_LOGP_FLOOR
-from opd.pg_losses import PG_OBJECTIVES
+from opd.objectives.policy_gradient import PG_OBJECTIVES
+from opd.objectives.teacher_signal import TEACHER_LOGP_FLOOR
 
 SHARED = 25
 HEADS = {"student-larger": (SHARED + 4, SHARED), "teacher-larger": (SHARED, SHARED + 4)}

@@ -1,4 +1,5 @@
-"""Sampled-token policy-gradient objectives (opd.pg_losses, opd.objectives) against float64 references."""
+"""Sampled-token policy-gradient objectives (opd.objectives.policy_gradient, opd.objectives) against float64
+references."""
 
 from __future__ import annotations
 
@@ -7,9 +8,9 @@ import torch
 from test_losses import make_inputs
 
 from opd.config import OPDConfig
-from opd.losses import LOSS_REGISTRY
 from opd.objectives import MicroBatchTokens, ObjectiveContext, distillation_objective
-from opd.pg_losses import (
+from opd.objectives.divergences import LOSS_REGISTRY
+from opd.objectives.policy_gradient import (
     IW_OPD,
     PG_OBJECTIVES,
     SAMPLED_RKL_PG,
@@ -18,8 +19,8 @@ from opd.pg_losses import (
     policy_gradient_loss,
     sampled_token_stats,
 )
-from opd.teacher import CachedSignal
-from opd.topk_losses import TOPK_LOSS, teacher_sampled_logp, teacher_topk_signal
+from opd.objectives.teacher_signal import CachedSignal, teacher_sampled_logp, teacher_topk_signal
+from opd.objectives.topk import TOPK_LOSS
 
 CLIP = 0.2
 
@@ -143,7 +144,7 @@ def test_policy_gradient_loss_is_verls_ppo_clip_with_token_weights(policy_config
 
 def _tokens(student, ids, lengths, rollout_logp, rollout_temperature, chunk=5):
     return MicroBatchTokens(
-        logits=student,
+        student=student,
         token_ids=ids,
         mask=torch.ones(ids.shape[0]),
         lengths=lengths,

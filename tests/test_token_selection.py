@@ -1,11 +1,11 @@
-"""TIP token selection (opd.token_selection): counts, ranking, masks."""
+"""TIP token selection (opd.objectives.token_selection): counts, ranking, masks."""
 
 import math
 
 import pytest
 import torch
 
-from opd.token_selection import kept_token_count, tip_keep_mask, tip_scores
+from opd.objectives.token_selection import kept_token_count, tip_keep_mask, tip_scores
 
 
 @pytest.mark.parametrize(("fraction", "expected"), [(1.0, 7), (0.5, 4), (0.1, 1), (0.99, 7)])

@@ -1,4 +1,5 @@
-"""Teacher top-k signal and the top-k + tail forward KL (opd.topk_losses) against float64 references."""
+"""Teacher top-k signal (opd.objectives.teacher_signal) and the top-k + tail forward KL (opd.objectives.topk)
+against float64 references."""
 
 from __future__ import annotations
 
@@ -6,14 +7,14 @@ import pytest
 import torch
 from test_losses import make_inputs
 
-from opd.losses import TEACHER_LOGP_FLOOR, chunked_distill_loss
-from opd.topk_losses import (
+from opd.objectives.divergences import chunked_distill_loss
+from opd.objectives.teacher_signal import (
+    TEACHER_LOGP_FLOOR,
     TopKSignal,
-    TopKTokenStats,
-    chunked_topk_forward_kl,
     teacher_sampled_logp,
     teacher_topk_signal,
 )
+from opd.objectives.topk import TopKTokenStats, chunked_topk_forward_kl
 
 NEG_INF = float("-inf")
 
@@ -67,6 +68,7 @@ def ref_topk_loss(student, teacher, ids, token_ids, weights, temperature=1.0, vo
 def run(student, signal, token_ids, weights, **kw):
     """Top-k loss + grad wrt student, from a fresh leaf."""
     s = student.detach().clone().requires_grad_(True)
+    kw.setdefault("chunk_size", 4)
     loss, stats = chunked_topk_forward_kl(s, signal, token_ids, weights, **kw)
     loss.backward()
     return loss, s.grad, stats
@@ -158,7 +160,7 @@ def test_vocab_limit_above_the_teacher_rows_keeps_them_all():
 
 def test_signal_of_float64_logits_is_float64():
     _, teacher, _, _ = make_inputs(5, 9, dtype=torch.float64, seed=33)
-    signal = teacher_topk_signal(teacher, 3)
+    signal = teacher_topk_signal(teacher, 3, chunk_size=4)
     assert signal.logp.dtype == signal.tail_logp.dtype == torch.float64
     ref = ref_teacher_logp(teacher, 9).topk(3, dim=-1)
     torch.testing.assert_close(signal.logp, ref.values, rtol=1e-12, atol=1e-12)
@@ -176,7 +178,7 @@ def test_signal_cache_size_per_token():
 
 def test_signal_rows_and_to():
     _, teacher, _, _ = make_inputs(6, 10, seed=34)
-    signal = teacher_topk_signal(teacher, 2)
+    signal = teacher_topk_signal(teacher, 2, chunk_size=4)
     part = signal[2:5].to("cpu")
     assert isinstance(part, TopKSignal) and part.k == 2
     assert torch.equal(part.ids, signal.ids[2:5]) and torch.equal(part.tail_logp, signal.tail_logp[2:5])
@@ -213,8 +215,10 @@ def test_temperature_applies_to_both_sides(temperature):
     student, teacher, token_ids, weights = make_inputs(23, 40, seed=41)
     signal = assert_matches(student, teacher, token_ids, weights, 6, chunk_size=6, temperature=temperature)
     # The same signal with the student at T = 1 is a different loss: T really reaches the student side.
-    loss_t, _ = chunked_topk_forward_kl(student, signal, token_ids, weights, temperature=temperature)
-    loss_1, _ = chunked_topk_forward_kl(student, signal, token_ids, weights)
+    loss_t, _ = chunked_topk_forward_kl(
+        student, signal, token_ids, weights, temperature=temperature, chunk_size=4
+    )
+    loss_1, _ = chunked_topk_forward_kl(student, signal, token_ids, weights, chunk_size=4)
     assert not torch.allclose(loss_t, loss_1, rtol=1e-3)
 
 
@@ -242,10 +246,12 @@ def test_k_equal_to_vocab_is_the_full_forward_kl():
 def test_topk_divergence_is_at_most_full_forward_kl():
     # Coarsening both distributions to (top-k, tail) can only lose information.
     student, teacher, token_ids, weights = make_inputs(30, 40, seed=43)
-    _, full = chunked_distill_loss(student, teacher, token_ids, weights, loss_type="forward_kl")
+    _, full = chunked_distill_loss(student, teacher, token_ids, weights, loss_type="forward_kl", chunk_size=4)
     previous = torch.zeros(30)
     for k in (1, 4, 16, 39, 40):
-        _, stats = chunked_topk_forward_kl(student, teacher_topk_signal(teacher, k), token_ids, weights)
+        _, stats = chunked_topk_forward_kl(
+            student, teacher_topk_signal(teacher, k, chunk_size=4), token_ids, weights, chunk_size=4
+        )
         assert torch.all(stats.divergence <= full.divergence + 1e-5)
         assert torch.all(stats.divergence >= previous - 1e-5)  # refining the partition can only add
         previous = stats.divergence
@@ -282,7 +288,7 @@ def test_masked_rows_contribute_nothing():
 def test_fully_masked_chunk_still_has_stats():
     student, teacher, token_ids, weights = make_inputs(12, 16, seed=46)
     weights[4:8] = 0.0  # exactly the second chunk, skipped in backward
-    signal = teacher_topk_signal(teacher, 3)
+    signal = teacher_topk_signal(teacher, 3, chunk_size=4)
     _, grad, stats = run(student, signal, token_ids, weights, chunk_size=4)
     _, _, ref_stats = ref_topk_loss(student, teacher, signal.ids, token_ids, weights)
     assert torch.all(grad[4:8] == 0)
@@ -303,13 +309,15 @@ def test_teacher_larger_vocab():
     signal = assert_matches(student, teacher, token_ids, weights, 5, chunk_size=6, vocab_limit=48)
     assert int(signal.ids.max()) < 48
     # Without the limit the teacher renormalises over 56 ids: a different signal.
-    assert not torch.allclose(teacher_topk_signal(teacher, 5).tail_logp, signal.tail_logp, atol=1e-3)
+    assert not torch.allclose(
+        teacher_topk_signal(teacher, 5, chunk_size=4).tail_logp, signal.tail_logp, atol=1e-3
+    )
 
 
 def test_student_larger_vocab_pads_get_zero_grad():
     student, teacher, token_ids, weights = make_inputs(11, 56, v_t=48, seed=49)
     assert_matches(student, teacher, token_ids, weights, 5, chunk_size=4, vocab_limit=48)
-    signal = teacher_topk_signal(teacher, 5)
+    signal = teacher_topk_signal(teacher, 5, chunk_size=4)
     _, grad, _ = run(student, signal, token_ids, weights, chunk_size=4, vocab_limit=48)
     assert torch.all(grad[:, 48:] == 0) and grad[:, :48].abs().sum() > 0
 
@@ -321,7 +329,7 @@ def test_bf16_student():
 
 def test_grad_output_scaling_and_no_grad_elsewhere():
     student, teacher, token_ids, weights = make_inputs(10, 16, seed=51)
-    signal = teacher_topk_signal(teacher, 3)
+    signal = teacher_topk_signal(teacher, 3, chunk_size=4)
     _, grad, _ = run(student, signal, token_ids, weights, chunk_size=3)
     s = student.clone().requires_grad_(True)
     weights.requires_grad_(True)
@@ -339,7 +347,7 @@ def test_gradcheck(k):
     weights = weights.double()
     weights[2] = 0.0
     teacher[4, 5:] = NEG_INF  # zero teacher mass inside or outside the top-k, depending on k
-    signal = teacher_topk_signal(teacher, k, temperature=0.8)
+    signal = teacher_topk_signal(teacher, k, temperature=0.8, chunk_size=4)
     student.requires_grad_(True)
 
     def fn(x):
@@ -351,9 +359,11 @@ def test_gradcheck(k):
 
 def test_empty_input():
     student = torch.zeros(0, 16, requires_grad=True)
-    signal = teacher_topk_signal(torch.zeros(0, 16), 4)
+    signal = teacher_topk_signal(torch.zeros(0, 16), 4, chunk_size=4)
     assert signal.ids.shape == (0, 4)
-    loss, stats = chunked_topk_forward_kl(student, signal, torch.zeros(0, dtype=torch.long), torch.zeros(0))
+    loss, stats = chunked_topk_forward_kl(
+        student, signal, torch.zeros(0, dtype=torch.long), torch.zeros(0), chunk_size=4
+    )
     assert loss.item() == 0.0 and loss.grad_fn is not None
     assert all(t.shape == (0,) and t.dtype == torch.float32 for t in vars(stats).values())
     loss.backward()
@@ -380,7 +390,7 @@ def test_signal_invalid_arguments(kwargs, match):
     _, teacher, _, _ = make_inputs(4, 16)
     k = kwargs.pop("k")
     with pytest.raises(ValueError, match=match):
-        teacher_topk_signal(teacher, k, **kwargs)
+        teacher_topk_signal(teacher, k, **{"chunk_size": 4, **kwargs})
 
 
 @pytest.mark.parametrize(
@@ -388,7 +398,7 @@ def test_signal_invalid_arguments(kwargs, match):
 )
 def test_loss_invalid_tensors(bad):
     student, teacher, token_ids, weights = make_inputs(6, 8)
-    signal = teacher_topk_signal(teacher, 3)
+    signal = teacher_topk_signal(teacher, 3, chunk_size=4)
     kw = {}
     if bad == "ids_rows":
         signal = TopKSignal(signal.ids[:5], signal.logp, signal.tail_logp)
@@ -403,4 +413,4 @@ def test_loss_invalid_tensors(bad):
     else:
         kw["vocab_limit"] = 2
     with pytest.raises(ValueError):
-        chunked_topk_forward_kl(student, signal, token_ids, weights, **kw)
+        chunked_topk_forward_kl(student, signal, token_ids, weights, chunk_size=4, **kw)

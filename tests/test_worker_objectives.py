@@ -5,9 +5,9 @@ import torch
 from opd_harness import full_state, rollout_batch, tiny_worker, with_advantages, with_rollout_log_probs
 from test_worker import models  # noqa: F401  (module-scoped fixture: student, padded-vocabulary teacher)
 
-from opd.losses import LOSS_REGISTRY
-from opd.pg_losses import PG_OBJECTIVES
-from opd.topk_losses import TOPK_LOSS
+from opd.objectives.divergences import LOSS_REGISTRY
+from opd.objectives.policy_gradient import PG_OBJECTIVES
+from opd.objectives.topk import TOPK_LOSS
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

@@ -17,8 +17,8 @@ import torch.distributed as dist
 from common.batch import OPDBatch, build_opd_batch, micro_batch_rows, response_token_ids
 from opd.config import OPDConfig
 from opd.devices import current_device
-from opd.losses import chunked_distill_loss
 from opd.model_forward import response_logits
+from opd.objectives.divergences import chunked_distill_loss
 from opd.teacher import run_teacher_phase
 
 

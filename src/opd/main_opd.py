@@ -16,8 +16,8 @@ from omegaconf import DictConfig, open_dict
 from common.verl_surface import VerlSurfaceError, check_verl_surface
 from opd.config import OPDConfig, OPDConfigError
 from opd.input_checks import check_inputs, check_override_keys, data_paths
+from opd.objectives.policy_gradient import TOKEN_LEVEL_POLICY_LOSSES
 from opd.pairing import check_pairing
-from opd.pg_losses import TOKEN_LEVEL_POLICY_LOSSES
 
 # Imported in every verl process (driver, task runner, workers) so the "opd" trainer is registered.
 _EXTERNAL_MODULES = ("opd.trainer",)

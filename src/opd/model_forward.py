@@ -66,6 +66,57 @@ def _identity(hidden_states: torch.Tensor) -> torch.Tensor:
     return hidden_states
 
 
+# Config keys of Hugging Face models that transform the logits after the output head, with the values that
+# leave them alone. A transform before the head (e.g. a scaled hidden state) needs no entry: the hidden
+# states are the head's input, whatever produced them.
+_LOGIT_TRANSFORMS = {
+    "final_logit_softcapping": (None,),  # Gemma 2/3: cap * tanh(logits / cap)
+    "logit_scale": (None, 1, 1.0),  # Cohere: logits * scale
+    "logits_scaling": (None, 1, 1.0),  # Granite: logits / scaling
+}
+
+
+def output_head_problem(model) -> str | None:
+    """Why ``final hidden state @ head^T`` would not be the model's logits; None when it is.
+
+    ``model``: an (FSDP2-sharded) Hugging Face causal LM. Both the teacher's 'hidden' signal and the
+    student's fused output head rest on this.
+    """
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    if isinstance(model, FullyShardedDataParallel):
+        return "it runs under FSDP1 (strategy fsdp), whose flat parameters hold no gatherable head"
+    head = model.get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear):
+        return f"its output head is a {type(head).__name__}, not a linear layer"
+    if head.bias is not None:
+        return "its output head has a bias"
+    configs = [model.config, getattr(model.config, "text_config", None)]
+    for key, neutral in _LOGIT_TRANSFORMS.items():
+        for config in filter(None, configs):
+            value = getattr(config, key, None)
+            if value not in neutral:
+                return f"its config sets {key}={value}, a transform of the logits after the output head"
+    return None
+
+
+def gathered_head_weight(model, device: torch.device) -> torch.Tensor:
+    """The output head's weight ``[V, H]`` whole on ``device``, differentiable back to the parameter.
+
+    Under FSDP2 the weight is a sharded DTensor (the embedding's, with tied embeddings, so the head's
+    gradient adds to the embedding's): every rank gathers it, a collective, so every rank calls this at the
+    same point. The shard moves to ``device`` first (parameter offload may keep it on the host). Its
+    gradient returns to the shard averaged over the ranks, as FSDP averages every other gradient.
+    """
+    from torch.distributed.tensor import DTensor, Partial
+
+    weight = model.get_output_embeddings().weight
+    if isinstance(weight, DTensor):
+        weight = weight.to(device)
+        return weight.full_tensor(grad_placements=[Partial("avg")] * weight.device_mesh.ndim)
+    return weight.to(device)
+
+
 def _response_rows(engine, batch: OPDBatch, pad_token_id: int) -> torch.Tensor:
     """The model's output at the rows that predict every response token: ``[sum R_i, D]``."""
     use_rmpad = bool(engine.model_config.use_remove_padding)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from collections import defaultdict
 
@@ -10,7 +11,13 @@ import torch
 import torch.distributed as dist
 
 from common.batch import OPDBatch, response_token_ids
-from opd.model_forward import response_logits
+from opd.console import warn
+from opd.model_forward import (
+    gathered_head_weight,
+    output_head_problem,
+    response_hidden_states,
+    response_logits,
+)
 from opd.objectives import (
     MicroBatchTokens,
     ObjectiveContext,
@@ -18,9 +25,11 @@ from opd.objectives import (
     distillation_objective,
     task_policy_loss,
 )
-from opd.teacher import CachedSignal
-from opd.token_selection import kept_token_count, tip_keep_mask, tip_scores
+from opd.objectives.engine import OutputHead, Student
+from opd.objectives.teacher_signal import CachedSignal
+from opd.objectives.token_selection import kept_token_count, tip_keep_mask, tip_scores
 
+logger = logging.getLogger(__name__)
 
 def token_weights(batch: OPDBatch, scale: float) -> torch.Tensor:
     """``[sum R_i]`` float32: loss mask times the sample's reward weight times ``scale``."""
@@ -100,7 +109,7 @@ def _accumulate_micro_batch(engine, micro_batch, cached, ctx, pad_token_id, scal
 def _micro_batch_tokens(engine, micro_batch, pad_token_id, device, ctx) -> MicroBatchTokens:
     rollout_logp = micro_batch.rollout_logp
     return MicroBatchTokens(
-        logits=response_logits(engine, micro_batch, pad_token_id=pad_token_id),
+        student=student_rows(engine, micro_batch, pad_token_id, device, ctx.config.fused_output_head),
         token_ids=response_token_ids(micro_batch).to(device),
         mask=torch.cat(micro_batch.loss_mask).to(device),
         lengths=[mask.numel() for mask in micro_batch.loss_mask],
@@ -108,6 +117,24 @@ def _micro_batch_tokens(engine, micro_batch, pad_token_id, device, ctx) -> Micro
         chunk_size=ctx.config.chunk_size,
         rollout_temperature=ctx.rollout_temperature,
     )
+
+
+def student_rows(engine, micro_batch: OPDBatch, pad_token_id: int, device, fused: bool) -> Student:
+    """The student forward of one micro-batch, up to what the objective differentiates: with ``fused`` (and
+    a plain linear head) its final hidden states and gathered output head, else its response logits."""
+    if fused and _fused_head_supported(engine.module):
+        hidden = response_hidden_states(engine, micro_batch, pad_token_id=pad_token_id)
+        # the head's matmul runs in the dtype the model's own head runs in under the engine's autocast
+        weight = gathered_head_weight(engine.module, device)
+        return OutputHead(hidden, weight, matmul_dtype=engine._autocast_dtype)
+    return response_logits(engine, micro_batch, pad_token_id=pad_token_id)
+
+
+def _fused_head_supported(model) -> bool:
+    problem = output_head_problem(model)
+    if problem is not None:
+        warn(logger, "opd.fused_output_head: the model's own head computes the student logits: %s", problem)
+    return problem is None
 
 
 def _task_advantages(micro_batch: OPDBatch, device) -> torch.Tensor:

@@ -26,8 +26,9 @@ from opd.config import OPDConfig
 from opd.devices import current_device, phase_meter
 from opd.evaluation import evaluate_held_out
 from opd.objectives import ObjectiveContext
+from opd.objectives.teacher_signal import SignalSpec
 from opd.student import train_student_step
-from opd.teacher import SignalSpec, build_teacher_engine, choose_signal, run_teacher_phase
+from opd.teacher import build_teacher_engine, choose_signal, run_teacher_phase
 from opd.teacher_prompts import TEACHER_PROMPT_COLUMN, teacher_messages, tokenize_teacher_prompts
 
 

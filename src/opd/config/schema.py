@@ -14,6 +14,8 @@ from typing import Any
 
 OVERLENGTH_POLICIES = ("truncate", "error")
 TIP_SCORES = ("entropy", "entropy_plus_divergence")
+DEFAULT_CHUNK_SIZE = 1024
+"""Default of ``opd.chunk_size``; the one place the number is written."""
 
 
 class OPDConfigError(ValueError):
@@ -28,7 +30,7 @@ class OPDConfig:
     """Folder of the frozen teacher (HF format). Its own tokenizer is read from the same folder."""
 
     loss_type: str = "reverse_kl"
-    """A divergence in ``opd.losses.LOSS_REGISTRY`` (reverse_kl, forward_kl, jsd, skew_kl,
+    """A divergence in ``opd.objectives.divergences.LOSS_REGISTRY`` (reverse_kl, forward_kl, jsd, skew_kl,
     skew_reverse_kl, forward_then_reverse_kl; full-vocabulary teacher signal), ``forward_kl_topk`` (teacher
     top-k signal), or a sampled-token policy-gradient objective, ``sampled_rkl_pg`` or ``iw_opd`` (teacher
     log-prob of the sampled token only; they need ``rollout.calculate_log_probs``)."""
@@ -81,8 +83,16 @@ class OPDConfig:
     task_loss_coef: float = 0.0
     """GRPO + OPD: weight of verl's policy loss on the task-reward (GRPO) advantages; 0 = pure OPD."""
 
-    chunk_size: int = 1024
-    """Tokens per chunk of the full-vocabulary loss: bounds its float32 intermediates to [chunk, V]."""
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    """Tokens per chunk of every objective: its float32 intermediates never exceed two [chunk, V] buffers."""
+
+    fused_output_head: bool = True
+    """Compute the student's output head inside the chunked objective: the student forward stops at the
+    final hidden states of the response rows, and each chunk computes its logits (hidden @ W_out^T, in the
+    autocast dtype), log-softmax, divergence and, in backward, the gradients to the hidden states and to
+    W_out itself, so no [N, V] student logits or logit gradient ever exist. Where the head is not a plain
+    linear map (a bias, or logits transformed after it such as soft-capping) or the student runs under
+    FSDP1, the model's own head runs instead and the reason is logged once; false always does that."""
 
     max_length: int | None = None
     """Cap on prompt + response tokens per sample; null means max_prompt_length + max_response_length."""
@@ -134,9 +144,9 @@ class OPDConfig:
 
     def validate(self) -> OPDConfig:
         """Raise :class:`OPDConfigError` naming the first bad key; return self for chaining."""
-        from opd.losses import LOSS_REGISTRY
-        from opd.pg_losses import PG_OBJECTIVES
-        from opd.topk_losses import TOPK_LOSS
+        from opd.objectives.divergences import LOSS_REGISTRY
+        from opd.objectives.policy_gradient import PG_OBJECTIVES
+        from opd.objectives.topk import TOPK_LOSS
 
         self._validate_types()
         if not self.teacher_model_path:
@@ -234,8 +244,8 @@ class OPDConfig:
     def objective_signal(self) -> str:
         """The teacher signal family the objective reads: 'topk' (top-k loss), 'sampled' (policy-gradient
         objectives) or 'full' (full-vocabulary divergences, whose logits may also come as 'hidden')."""
-        from opd.pg_losses import PG_OBJECTIVES
-        from opd.topk_losses import TOPK_LOSS
+        from opd.objectives.policy_gradient import PG_OBJECTIVES
+        from opd.objectives.topk import TOPK_LOSS
 
         if self.loss_type == TOPK_LOSS:
             return "topk"
@@ -243,7 +253,7 @@ class OPDConfig:
 
     def check_rollout_temperature(self, rollout_temperature: float) -> None:
         """``iw_opd`` compares teacher and rollout log-probs, so both must be at the rollout temperature."""
-        from opd.pg_losses import IW_OPD
+        from opd.objectives.policy_gradient import IW_OPD
 
         if self.loss_type == IW_OPD and self.temperature != rollout_temperature:
             raise OPDConfigError(
@@ -263,13 +273,13 @@ class OPDConfig:
     @property
     def needs_rollout_log_probs(self) -> bool:
         """True when the rollout must return the log-probs of its sampled tokens (importance ratios)."""
-        from opd.pg_losses import PG_OBJECTIVES
+        from opd.objectives.policy_gradient import PG_OBJECTIVES
 
         return self.loss_type in PG_OBJECTIVES or self.task_loss_coef > 0
 
     def loss_params(self, step: int) -> dict[str, Any]:
         """Keyword parameters for the loss at training ``step`` (each loss takes the ones it declares)."""
-        from opd.schedule import reverse_kl_weight
+        from opd.objectives.schedule import reverse_kl_weight
 
         weight = reverse_kl_weight(step, self.paced_switch_step, self.paced_blend_steps)
         return {"alpha": self.skew_alpha, "reverse_weight": weight, **self.extra}

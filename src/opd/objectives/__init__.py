@@ -1,16 +1,28 @@
-"""One interface over the distillation objectives, whatever teacher signal they read.
+"""The distillation objectives behind one call, whatever teacher signal they read.
 
-- full-vocabulary divergences (``opd.losses``) read the teacher's logits, cached (``full``) or rebuilt
+- full-vocabulary divergences (``divergences``) read the teacher's logits, cached (``full``) or rebuilt
   chunk by chunk from its cached final hidden states and output head (``hidden``);
-- ``forward_kl_topk`` (``opd.topk_losses``) reads the top-k signal;
-- the policy-gradient objectives (``opd.pg_losses``) read the teacher's sampled-token log-probs and the
+- ``forward_kl_topk`` (``topk``) reads the top-k signal;
+- the policy-gradient objectives (``policy_gradient``) read the teacher's sampled-token log-probs and the
   rollout log-probs, and also serve GRPO + OPD's task loss (:func:`task_policy_loss`).
 
-Every objective returns an :class:`ObjectiveOutput` with the same per-token diagnostics, so the student
-step, TIP selection and the metrics do not care which one ran. All of them follow the vocabulary rule and
-the teacher floor of :mod:`opd.losses`, and report ``teacher_floored_fraction``: per token, 1.0 where the
-token is weighted and the floor raised a teacher log-prob the objective read (its mean over the loss tokens
-becomes ``opd/teacher_floored_fraction``; times ``opd/num_tokens`` it is their count).
+All of them run on the chunk engine (``engine``), on student logits or, fused, on the student's final
+hidden states and output head, and read the teacher signal of ``teacher_signal``. Every objective returns an
+:class:`ObjectiveOutput` with the same per-token diagnostics, so the student step, TIP selection
+(``token_selection``) and the metrics do not care which one ran.
+
+Temperature rule: the SAME temperature ``T`` (``opd.temperature``) is applied to student and teacher logits
+before the softmax, and the per-token stats (log-probs, entropy) are at that temperature; gradients carry
+the ``1 / T`` of the division. Only the policy-gradient ratio uses the rollout temperature.
+
+Vocabulary rule (every signal): when the heads differ in size (padded rows, e.g. 152064 vs 151936, either
+way) both sides are cut to the shared first ``V = min(V_s, V_t)`` ids and renormalised there, so student
+columns ``>= V`` get exactly zero gradient from the divergence. Only the policy-gradient ratio spans the
+student's whole head, the distribution the rollout sampled from. Every token id is ``< V``.
+
+Teacher floor: every objective raises the teacher log-probs it reads to ``TEACHER_LOGP_FLOOR`` and reports
+``teacher_floored_fraction``: per token, 1.0 where the token is weighted and the floor raised a teacher
+log-prob the objective read (its mean over the loss tokens becomes ``opd/teacher_floored_fraction``).
 """
 
 from __future__ import annotations
@@ -22,8 +34,9 @@ from typing import Any
 import torch
 
 from opd.config import OPDConfig
-from opd.losses import chunked_distill_loss, floor_teacher_logp
-from opd.pg_losses import (
+from opd.objectives.divergences import chunked_distill_loss
+from opd.objectives.engine import Student, student_device, student_shape
+from opd.objectives.policy_gradient import (
     IW_OPD,
     chunked_token_logp,
     iw_opd_advantages,
@@ -32,8 +45,8 @@ from opd.pg_losses import (
     sampled_rkl_advantages,
     sampled_token_stats,
 )
-from opd.teacher import CachedSignal
-from opd.topk_losses import chunked_topk_forward_kl
+from opd.objectives.teacher_signal import CachedSignal, floor_teacher_logp
+from opd.objectives.topk import chunked_topk_forward_kl
 
 
 @dataclass(frozen=True)
@@ -53,8 +66,9 @@ class ObjectiveContext:
 class MicroBatchTokens:
     """The response tokens of one micro-batch on the device, packed: ``N = sum R_i``."""
 
-    logits: torch.Tensor
-    """``[N, V_s]`` student logits predicting each response token (with gradient)."""
+    student: Student
+    """The student's rows predicting each response token (with gradient): logits ``[N, V_s]``, or, fused,
+    an ``OutputHead`` (final hidden states ``[N, H]`` and the output head ``[V_s, H]``)."""
     token_ids: torch.Tensor
     """``[N]`` long: the response tokens."""
     mask: torch.Tensor
@@ -66,6 +80,15 @@ class MicroBatchTokens:
     chunk_size: int
     rollout_temperature: float
 
+    @property
+    def vocab(self) -> int:
+        """The student's output rows ``V_s``."""
+        return student_shape(self.student)[1]
+
+    @property
+    def device(self) -> torch.device:
+        return student_device(self.student)
+
     @cached_property
     def student_logp_at_rollout_temperature(self) -> torch.Tensor:
         """``[N]`` differentiable student log-probs at the rollout temperature (the ratio's numerator).
@@ -73,11 +96,11 @@ class MicroBatchTokens:
         Normalised over the student's whole head, padded rows included: the rollout sampled from all of it.
         """
         return chunked_token_logp(
-            self.logits,
+            self.student,
             self.token_ids,
             temperature=self.rollout_temperature,
             chunk_size=self.chunk_size,
-            vocab=self.logits.shape[-1],
+            vocab=self.vocab,
         )
 
     def require_rollout_logp(self, why: str) -> torch.Tensor:
@@ -129,15 +152,14 @@ def _floored_metric(floored: torch.Tensor, weights: torch.Tensor) -> dict[str, t
 
 def _shared_vocab(tokens: MicroBatchTokens, cached: CachedSignal) -> int:
     """Ids the divergence compares: the student's output rows, or fewer if the signal covers fewer."""
-    rows = tokens.logits.shape[-1]
-    return rows if cached.vocab is None else min(rows, cached.vocab)
+    return tokens.vocab if cached.vocab is None else min(tokens.vocab, cached.vocab)
 
 
 def _full_vocabulary(tokens, teacher_rows, weights, ctx) -> ObjectiveOutput:
     config = ctx.config
     # The cached rows stay on the host: the loss brings one chunk of them at a time to the device.
     loss, stats = chunked_distill_loss(
-        tokens.logits,
+        tokens.student,
         teacher_rows,
         tokens.token_ids,
         weights,
@@ -159,15 +181,15 @@ def _full_vocabulary(tokens, teacher_rows, weights, ctx) -> ObjectiveOutput:
 
 def _topk(tokens, cached, weights, ctx) -> ObjectiveOutput:
     loss, stats = chunked_topk_forward_kl(
-        tokens.logits,
-        cached.topk.to(tokens.logits.device),
+        tokens.student,
+        cached.topk.to(tokens.device),
         tokens.token_ids,
         weights,
         chunk_size=ctx.config.chunk_size,
         temperature=ctx.config.temperature,
         vocab_limit=_shared_vocab(tokens, cached),
     )
-    teacher_logp, sampled_floored = floor_teacher_logp(cached.sampled_logp.to(tokens.logits.device))
+    teacher_logp, sampled_floored = floor_teacher_logp(cached.sampled_logp.to(tokens.device))
     return ObjectiveOutput(
         loss,
         stats.divergence,
@@ -185,13 +207,13 @@ def _topk(tokens, cached, weights, ctx) -> ObjectiveOutput:
 def _policy_gradient(tokens, cached, weights, ctx) -> ObjectiveOutput:
     config = ctx.config
     student_logp, entropy = sampled_token_stats(
-        tokens.logits,
+        tokens.student,
         tokens.token_ids,
         temperature=config.temperature,
         chunk_size=config.chunk_size,
         vocab=_shared_vocab(tokens, cached),
     )
-    cached_logp = cached.sampled_logp.to(tokens.logits.device).to(student_logp.dtype)
+    cached_logp = cached.sampled_logp.to(tokens.device).to(student_logp.dtype)
     teacher_logp, floored = floor_teacher_logp(cached_logp)
     rollout_logp = tokens.require_rollout_logp(f"opd.loss_type={config.loss_type}")
     token_metrics, extreme_metrics = {}, {}

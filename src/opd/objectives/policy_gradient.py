@@ -2,12 +2,11 @@
 
 Notation: ``N`` response tokens ``y_t`` packed over the micro-batch, shared vocabulary ``V = min(V_s, V_t)``.
 ``s_t = log p_student(y_t)`` and ``q_t = log p_teacher(y_t)`` at the distillation temperature ``T``
-(``opd.temperature``), both normalised over the shared ids, ``q_t`` raised to the teacher floor of
-:mod:`opd.losses` (so a zero-probability teacher token gives a large finite advantage, never inf or NaN);
-``r_t`` is the rollout engine's log-prob of ``y_t`` at the rollout temperature ``T_r``; ``s^r_t`` is the
-student's log-prob at ``T_r`` over its whole head (what the rollout sampled from), the only quantity with a
-gradient. ``opd.objectives`` applies the floor and picks the vocabularies; the functions here take them as
-given.
+(``opd.temperature``), both normalised over the shared ids, ``q_t`` raised to the teacher floor (so a
+zero-probability teacher token gives a large finite advantage, never inf or NaN); ``r_t`` is the rollout
+engine's log-prob of ``y_t`` at the rollout temperature ``T_r``; ``s^r_t`` is the student's log-prob at
+``T_r`` over its whole head (what the rollout sampled from), the only quantity with a gradient.
+``opd.objectives`` applies the floor and picks the vocabularies; the functions here take them as given.
 
 Advantages (detached, discount 0: each token is scored by its own log-ratio):
 
@@ -24,17 +23,15 @@ config) with ``log_prob = s^r``, ``old_log_prob = r`` (the importance ratio ``ex
 rollout temperature, the rule of on-policy PPO) and the project's token weights (loss mask x sample weight x
 token-mean normaliser) applied per token. With ``p = q`` every advantage is 0, so loss and gradient are 0.
 
-Memory: ``s^r`` comes from :func:`chunked_token_logp`, a custom autograd function that walks the logits in
-chunks of ``chunk_size`` rows and recomputes the chunk's softmax in backward, so no ``[N, V]`` float32
-tensor is ever built; :func:`sampled_token_stats` is its no-grad twin for ``s_t`` and the entropy.
+``s^r`` comes from :func:`chunked_token_logp` and ``s_t`` with the entropy from its no-grad twin
+:func:`sampled_token_stats`, both on the chunk engine (one ``[chunk, V]`` buffer, two for the entropy).
 """
 
 from __future__ import annotations
 
 import torch
 
-from opd.losses import _check_chunk_and_temperature, _entropy, _log_probs
-from opd.topk_losses import _signal_dtype
+from opd.objectives.engine import Chunk, ChunkMath, Student, entropy_, gather_rows, run_chunked, student_shape
 
 SAMPLED_RKL_PG = "sampled_rkl_pg"
 IW_OPD = "iw_opd"
@@ -45,71 +42,65 @@ TOKEN_LEVEL_POLICY_LOSSES = ("vanilla",)
 """verl policy-loss modes that act on each token alone, so responses may be packed into one row."""
 
 
-class _ChunkedTokenLogp(torch.autograd.Function):
-    """``log softmax(logits / T)[y]`` per row, chunked in forward and backward."""
+class _SampledToken(ChunkMath):
+    """``log p(y_i)`` per row; its gradient ``onehot(y_i) - p_i`` is built in the log-probs' own buffer."""
 
-    @staticmethod
-    def forward(ctx, logits, token_ids, temperature: float, chunk_size: int, vocab: int):
-        """logits [N, V_s], token_ids [N] -> [N] float32 (float64 for float64 logits)."""
-        out = torch.empty(logits.shape[0], dtype=_signal_dtype(logits), device=logits.device)
-        for start in range(0, logits.shape[0], chunk_size):
-            sl = slice(start, start + chunk_size)
-            chunk_logp = _log_probs(logits[sl, :vocab], temperature, out.dtype)
-            out[sl] = chunk_logp.gather(-1, token_ids[sl].unsqueeze(-1)).squeeze(-1)
-            del chunk_logp
-        ctx.save_for_backward(logits, token_ids)
-        ctx.options = (temperature, chunk_size, vocab)
-        return out
+    buffers = 1
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        """d out_i / d z_i = (onehot(y_i) - softmax(z_i / T)) / T on the first V columns, 0 elsewhere."""
-        logits, token_ids = ctx.saved_tensors
-        temperature, chunk_size, vocab = ctx.options
-        grad = torch.zeros_like(logits)
-        for start in range(0, logits.shape[0], chunk_size):
-            sl = slice(start, start + chunk_size)
-            row_grad = grad_out[sl]
-            if not bool((row_grad != 0).any()):
-                continue
-            with torch.no_grad():
-                probs = _log_probs(logits[sl, :vocab], temperature, _signal_dtype(logits)).exp_()
-                chunk = probs.neg_().scatter_add_(
-                    -1, token_ids[sl].unsqueeze(-1), torch.ones_like(probs[:, :1])
-                )
-                chunk.mul_((row_grad.to(chunk.dtype) / temperature).unsqueeze(-1))
-            grad[sl, :vocab].copy_(chunk)
-            del probs, chunk
-        return grad, None, None, None, None
+    def __init__(self, token_ids: torch.Tensor):
+        self.token_ids = token_ids
+
+    def forward(self, chunk: Chunk):
+        return gather_rows(chunk.student_logp, self.token_ids[chunk.rows]), ()
+
+    def backward(self, chunk: Chunk) -> torch.Tensor:
+        ids = self.token_ids[chunk.rows].long().unsqueeze(-1)
+        probs = chunk.student_logp.exp_()
+        return probs.neg_().scatter_add_(-1, ids, torch.ones(ids.shape, dtype=probs.dtype, device=ids.device))
+
+
+class _SampledTokenStats(ChunkMath):
+    """``log p(y_i)`` (values) and the entropy (stat) per row, no gradient."""
+
+    def __init__(self, token_ids: torch.Tensor):
+        self.token_ids = token_ids
+
+    def forward(self, chunk: Chunk):
+        logp = chunk.student_logp
+        sampled = gather_rows(logp, self.token_ids[chunk.rows])
+        return sampled, (entropy_(logp, chunk.new_buffer()),)
+
+
+def _check_token_ids(student: Student, token_ids: torch.Tensor) -> None:
+    rows = student_shape(student)[0]
+    if tuple(token_ids.shape) != (rows,):
+        raise ValueError(f"token_ids has shape {tuple(token_ids.shape)}, expected ({rows},)")
 
 
 def chunked_token_logp(
-    logits: torch.Tensor, token_ids: torch.Tensor, *, temperature: float, chunk_size: int, vocab: int
+    student: Student, token_ids: torch.Tensor, *, temperature: float, chunk_size: int, vocab: int
 ) -> torch.Tensor:
-    """Differentiable ``log p(token_ids[i])`` at temperature T over the first ``vocab`` columns.
+    """Differentiable ``log p(token_ids[i])`` at temperature T over the first ``vocab`` student columns.
 
-    logits ``[N, V_s]``, token_ids ``[N]`` (every id < vocab) -> ``[N]`` float32 (float64 for float64 logits).
+    student logits ``[N, V_s]`` or an :class:`~opd.objectives.engine.OutputHead`, token_ids ``[N]`` (every
+    id < vocab) -> ``[N]`` float32 (float64 for float64 student rows).
     """
-    _check_chunk_and_temperature(chunk_size, float(temperature))
-    if tuple(token_ids.shape) != (logits.shape[0],):
-        raise ValueError(f"token_ids has shape {tuple(token_ids.shape)}, expected ({logits.shape[0]},)")
-    return _ChunkedTokenLogp.apply(logits, token_ids.long(), float(temperature), chunk_size, vocab)
+    _check_token_ids(student, token_ids)
+    values, _ = run_chunked(
+        _SampledToken(token_ids.long()), student, chunk_size=chunk_size, temperature=temperature, vocab=vocab
+    )
+    return values
 
 
 @torch.no_grad()
 def sampled_token_stats(
-    logits: torch.Tensor, token_ids: torch.Tensor, *, temperature: float, chunk_size: int, vocab: int
+    student: Student, token_ids: torch.Tensor, *, temperature: float, chunk_size: int, vocab: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Detached ``(log p(token_ids[i]), entropy_i)`` at temperature T; [N, V_s], [N] -> two [N] float32."""
-    dtype = _signal_dtype(logits)
-    logp = torch.empty(logits.shape[0], dtype=dtype, device=logits.device)
-    entropy = torch.empty_like(logp)
-    for start in range(0, logits.shape[0], chunk_size):
-        sl = slice(start, start + chunk_size)
-        chunk_logp = _log_probs(logits[sl, :vocab], float(temperature), dtype)
-        logp[sl] = chunk_logp.gather(-1, token_ids[sl].long().unsqueeze(-1)).squeeze(-1)
-        entropy[sl] = _entropy(chunk_logp)
-        del chunk_logp
+    """Detached ``(log p(token_ids[i]), entropy_i)`` at temperature T; student rows ``N``, [N] -> two [N]."""
+    _check_token_ids(student, token_ids)
+    logp, (entropy,) = run_chunked(
+        _SampledTokenStats(token_ids), student, chunk_size=chunk_size, temperature=temperature, vocab=vocab
+    )
     return logp, entropy
 
 
