@@ -11,10 +11,14 @@ from __future__ import annotations
 import argparse
 import datetime
 import platform
+import sys
+from pathlib import Path
 
 import torch
 
-from opd.inprocess import compose_opd_config, make_worker, synthetic_rollout
+# the in-process worker harness lives with the tests, outside the product package
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from inprocess import compose_opd_config, make_worker, synthetic_rollout  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:

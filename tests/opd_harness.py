@@ -1,12 +1,12 @@
-"""Worker-test helpers on top of ``opd.inprocess``: the tiny-model config and batches the tests share."""
+"""Worker-test helpers on top of ``inprocess``: the tiny-model config and batches the tests share."""
 
 from __future__ import annotations
 
 import torch
+from inprocess import compose_opd_config, make_worker, synthetic_rollout
 from tensordict import TensorDict
 
-from common.batch import OPDBatch
-from opd.inprocess import compose_opd_config, make_worker, synthetic_rollout
+from opd.batch import OPDBatch
 
 TINY_OVERRIDES = (
     "actor_rollout_ref.actor.ppo_mini_batch_size=4",

@@ -655,7 +655,8 @@ def test_own_checkpoint_fresh_folder_and_disabled_resume_are_accepted(
 
 
 def test_validate_before_launch_runs_the_input_checks(tmp_path, tiny_model_dir):
-    from opd.inprocess import compose_opd_config
+    from inprocess import compose_opd_config
+
     from opd.main_opd import validate_before_launch
 
     train, val = write_arithmetic_dataset(tmp_path / "data", train_size=8, val_size=4, seed=0)
@@ -668,7 +669,7 @@ def test_validate_before_launch_runs_the_input_checks(tmp_path, tiny_model_dir):
 
 
 def test_remote_data_files_are_left_to_verl(tmp_path, tiny_model_dir):
-    from opd.inprocess import compose_opd_config
+    from inprocess import compose_opd_config
 
     train, _ = write_arithmetic_dataset(tmp_path / "data", train_size=8, val_size=4, seed=0)
     config = compose_opd_config(

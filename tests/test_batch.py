@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from common.batch import (
+from opd.batch import (
     OverlengthError,
     build_opd_batch,
     micro_batch_rows,
@@ -34,6 +34,13 @@ def test_logit_rows_predict_each_response_token():
     rows = response_logit_rows(batch)
     # the logit at row r predicts packed token r + 1
     assert packed[rows + 1].tolist() == response_token_ids(batch).tolist() == [5, 6, 7, 8, 9]
+    # without remove-padding: every sample right-padded to one width, rows B * width
+    width = 6
+    padded = torch.zeros(len(batch), width, dtype=torch.long)
+    for i, ids in enumerate(batch.input_ids):
+        padded[i, : ids.numel()] = ids
+    rows = response_logit_rows(batch, row_width=width)
+    assert padded.reshape(-1)[rows + 1].tolist() == [5, 6, 7, 8, 9]
 
 
 def test_rollout_n_repeats_each_prompt_for_its_responses():

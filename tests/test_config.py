@@ -57,9 +57,8 @@ def test_different_chat_template_is_a_warning(tmp_path, teacher_dir, caplog):
 
 
 def test_the_shipped_opd_block_has_the_declared_types(teacher_dir):
+    from inprocess import compose_opd_config
     from omegaconf import OmegaConf
-
-    from opd.inprocess import compose_opd_config
 
     values = OmegaConf.to_container(compose_opd_config(teacher_dir, teacher_dir).opd, resolve=True)
     assert OPDConfig.from_dict(values).validate().teacher_model_path == teacher_dir

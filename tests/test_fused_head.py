@@ -16,6 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from inprocess import free_port
 from opd_harness import full_state, rollout_batch, tiny_worker, with_advantages, with_rollout_log_probs
 from test_hidden_signal import tiny_causal_lm
 from test_inf_teacher import CHUNK, LENGTHS, STEP, TEMPERATURE, make_config, reference, rollout_logp
@@ -23,7 +24,6 @@ from test_pg_losses import policy_config  # noqa: F401  (module-scoped fixture: 
 from test_worker import models  # noqa: F401  (module-scoped fixture: student, padded-vocabulary teacher)
 from tiny_models import build_tiny_model
 
-from opd.inprocess import free_port
 from opd.objectives import MicroBatchTokens, ObjectiveContext, distillation_objective, task_policy_loss
 from opd.objectives.divergences import LOSS_REGISTRY
 from opd.objectives.engine import OutputHead

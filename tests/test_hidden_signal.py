@@ -17,6 +17,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from inprocess import free_port
 from opd_harness import rollout_batch, run_rank, tiny_worker
 from test_inf_teacher import CHUNK, LENGTHS, STEP, TEMPERATURE, make_config, reference
 from test_loss_memory import row_reading
@@ -24,7 +25,6 @@ from test_worker import models  # noqa: F401  (module-scoped fixture: student, p
 from tiny_models import TOKENIZER_SIZE, build_tiny_model
 
 from opd.config import OPDConfig, OPDConfigError
-from opd.inprocess import free_port
 from opd.objectives import MicroBatchTokens, ObjectiveContext, distillation_objective
 from opd.objectives.divergences import LOSS_REGISTRY
 from opd.objectives.teacher_signal import CachedSignal

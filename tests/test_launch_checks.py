@@ -2,11 +2,11 @@
 
 import pandas as pd
 import pytest
+from inprocess import compose_opd_config
 from tiny_models import build_tiny_model
 
 from data.arithmetic import write_arithmetic_dataset
 from opd.config import OPDConfigError
-from opd.inprocess import compose_opd_config
 from opd.main_opd import validate_before_launch
 
 

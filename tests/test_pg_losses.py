@@ -27,9 +27,8 @@ CLIP = 0.2
 
 @pytest.fixture(scope="module")
 def policy_config():
+    from inprocess import compose_opd_config
     from verl.utils.config import omega_conf_to_dataclass
-
-    from opd.inprocess import compose_opd_config
 
     config = compose_opd_config(
         "student", "teacher", "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2"

@@ -11,7 +11,7 @@ import pytest
 import torch
 from tiny_models import build_tiny_tokenizer
 
-from common.batch import build_opd_batch, chat_prompt_ids, response_token_ids
+from opd.batch import build_opd_batch, chat_prompt_ids, response_token_ids
 from opd.config import OPDConfig, OPDConfigError
 from opd.teacher_prompts import (
     DEFAULT_TEMPLATE,

@@ -5,10 +5,9 @@ import queue
 
 import pytest
 import torch
+from inprocess import free_port
 from opd_harness import rollout_batch, run_rank
 from tiny_models import build_tiny_model
-
-from opd.inprocess import free_port
 
 TIMEOUT_S = 300
 

@@ -262,7 +262,7 @@ def _chat_rollout(student_dir: str, seed: int):
     from transformers import AutoTokenizer
     from verl.utils import tensordict_utils as tu
 
-    from common.batch import chat_prompt_ids
+    from opd.batch import chat_prompt_ids
 
     tokenizer = AutoTokenizer.from_pretrained(student_dir)
     data = rollout_batch(4, seed=seed)

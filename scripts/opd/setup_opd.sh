@@ -67,7 +67,7 @@ import verl
 from common.verl_surface import check_verl_surface
 
 check_verl_surface()
-for module in ("opd.worker", "opd.trainer", "opd.main_opd", "common.batch", "rewards", "data.arithmetic"):
+for module in ("opd.worker", "opd.trainer", "opd.main_opd", "opd.batch", "rewards", "data.arithmetic"):
     importlib.import_module(module)
 print(f"ok: torch {torch.__version__}, verl {verl.__version__}, gpu={torch.cuda.is_available()}")
 PY

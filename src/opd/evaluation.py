@@ -14,7 +14,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from common.batch import OPDBatch, build_opd_batch, micro_batch_rows, response_token_ids
+from opd.batch import OPDBatch, build_opd_batch, micro_batch_rows, response_token_ids
 from opd.config import OPDConfig
 from opd.devices import current_device
 from opd.model_forward import response_logits

@@ -11,7 +11,7 @@ from contextlib import nullcontext
 import torch
 from tensordict import TensorDict
 
-from common.batch import OPDBatch, response_logit_rows
+from opd.batch import OPDBatch, response_logit_rows
 from opd.devices import current_device
 
 
@@ -136,14 +136,6 @@ def _response_rows(engine, batch: OPDBatch, pad_token_id: int) -> torch.Tensor:
         if use_rmpad:
             return engine.module(**model_inputs, use_cache=False, logits_to_keep=rows).logits.squeeze(0)
         logits = engine.module(**model_inputs, use_cache=False).logits
-    return logits.reshape(-1, logits.shape[-1]).index_select(0, _padded_rows(batch, logits.shape[1], device))
+    padded_rows = response_logit_rows(batch, row_width=logits.shape[1]).to(device)
+    return logits.reshape(-1, logits.shape[-1]).index_select(0, padded_rows)
 
-
-def _padded_rows(batch: OPDBatch, width: int, device) -> torch.Tensor:
-    rows = []
-    for sample, (prompt_len, mask) in enumerate(
-        zip(batch.prompt_lengths.tolist(), batch.loss_mask, strict=True)
-    ):
-        start = sample * width + prompt_len - 1
-        rows.append(torch.arange(start, start + mask.numel(), dtype=torch.long))
-    return torch.cat(rows).to(device)

@@ -10,7 +10,7 @@ from collections import defaultdict
 import torch
 import torch.distributed as dist
 
-from common.batch import OPDBatch, response_token_ids
+from opd.batch import OPDBatch, response_token_ids
 from opd.console import warn
 from opd.model_forward import (
     gathered_head_weight,

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from common.batch import OPDBatch, response_token_ids
+from opd.batch import OPDBatch, response_token_ids
 from opd.console import WARNING_TAG
 from opd.devices import current_device
 from opd.model_forward import (

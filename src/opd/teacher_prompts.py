@@ -13,7 +13,7 @@ same response. ``opd.teacher_prompt`` picks the teacher's chat for each row:
   (``extra_info.solution``, the worked solution data preparation stores with each problem).
 
 The teacher's input is its prompt followed by exactly the student's response tokens
-(``common.batch.OPDBatch.teacher_view``). :func:`check_teacher_prompts` scans every data file at launch,
+(``opd.batch.OPDBatch.teacher_view``). :func:`check_teacher_prompts` scans every data file at launch,
 so a row without the field its mode needs stops the run before any model loads.
 """
 
@@ -156,7 +156,7 @@ def tokenize_teacher_prompts(
     # Imported here: data preparation builds messages with this module and needs no torch.
     import torch
 
-    from common.batch import chat_prompt_ids
+    from opd.batch import chat_prompt_ids
 
     kwargs = dict(chat_template_kwargs or {})
     tools_per_row = tools_per_row or [{}] * len(messages_per_row)

@@ -21,8 +21,8 @@ from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 from verl.utils.debug import marked_timer
 
 from agent.tools import row_tools
-from common.batch import chat_prompt_ids
 from opd import checkpoints
+from opd.batch import chat_prompt_ids
 from opd.config import OPDConfig
 from opd.progress import StepClock, format_progress, format_summary
 from opd.reward_weights import sample_weights

@@ -20,8 +20,8 @@ from verl.utils.config import omega_conf_to_dataclass
 from verl.workers.engine_workers import ActorRolloutRefWorker
 
 from agent.tools import row_tools
-from common.batch import OPDBatch, build_opd_batch, micro_batch_rows
 from opd.agent_metrics import agent_metrics, agent_sums
+from opd.batch import OPDBatch, build_opd_batch, micro_batch_rows
 from opd.config import OPDConfig
 from opd.devices import current_device, phase_meter
 from opd.evaluation import evaluate_held_out

@@ -284,11 +284,14 @@ def _kept_response_length(
     return max_length - prompt_len
 
 
-def response_logit_rows(batch: OPDBatch) -> torch.Tensor:
-    """Rows of the packed ``[sum L_i, V]`` logits that predict each response token.
+def response_logit_rows(batch: OPDBatch, row_width: int | None = None) -> torch.Tensor:
+    """Rows of the model's flattened output that predict each response token: ``[sum R_i]`` long, in
+    sample order.
 
-    The logit at position ``t`` predicts token ``t + 1``, so response token ``j`` of sample ``i`` is
-    predicted by packed row ``offset_i + P_i - 1 + j``. Returns ``[sum R_i]`` long, in sample order.
+    The output at position ``t`` predicts token ``t + 1``, so response token ``j`` of sample ``i`` is
+    predicted by row ``offset_i + P_i - 1 + j``. Packed (remove-padding, ``row_width`` None), the samples
+    follow each other in ``[sum L_i, D]``; padded, sample ``i`` starts at ``i * row_width`` of
+    ``[B * row_width, D]``.
     """
     rows, offset = [], 0
     for ids, prompt_len, mask in zip(
@@ -296,7 +299,7 @@ def response_logit_rows(batch: OPDBatch) -> torch.Tensor:
     ):
         start = offset + prompt_len - 1
         rows.append(torch.arange(start, start + mask.numel(), dtype=torch.long))
-        offset += ids.numel()
+        offset += ids.numel() if row_width is None else row_width
     return torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long)
 
 

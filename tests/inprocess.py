@@ -1,4 +1,4 @@
-"""The OPD worker in this process, without Ray: for tests, benchmarks and debugging a config.
+"""The OPD worker in this process, without Ray: the harness of the worker tests and benchmarks.
 
 Builds exactly the worker a training run builds (same hydra composition, same CPU-backend overrides
 when no GPU is present), as a single rank of a ``torch.distributed`` group the caller describes.
