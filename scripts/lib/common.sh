@@ -86,6 +86,20 @@ require_number() {  # require_number VAR_NAME int|float [OP BOUND]
     || die "$name=$value must be $3 $4"
 }
 
+# TEXT as one quoted hydra override value, so parentheses, commas, braces and newlines stay text: quotes
+# escaped, and the backslashes right before a quote or at the end doubled (hydra keeps every other
+# backslash as it is, so \boxed stays \boxed).
+hydra_quote() {  # hydra_quote TEXT
+  local text="$1" out="" run="" char i
+  for (( i = 0; i < ${#text}; i++ )); do
+    char="${text:i:1}"
+    if [[ "$char" == '\' ]]; then run+='\'; continue; fi
+    if [[ "$char" == "'" ]]; then out+="$run$run\\'"; else out+="$run$char"; fi
+    run=""
+  done
+  printf "'%s'" "$out$run$run"
+}
+
 # Every numeric variable of the training scripts (README.md), checked before anything starts.
 check_training_numbers() {
   local name

@@ -32,10 +32,13 @@ opd_overrides() {
   local variable key
   OPD_ARGS=()
   for variable in LOSS_TYPE CHUNK_SIZE MAX_LENGTH REWARD_BETA TOPK TIP_KEEP_FRACTION TASK_LOSS_COEF \
-      TEACHER_PROMPT TEACHER_PROMPT_TEMPLATE; do
+      TEACHER_PROMPT; do
     key="OPD_$variable"
     [[ -z "${!key:-}" ]] || OPD_ARGS+=("opd.${variable,,}=${!key}")
   done
+  # free text: quoted, or hydra would parse its parentheses, commas and braces as override syntax
+  [[ -z "${OPD_TEACHER_PROMPT_TEMPLATE:-}" ]] \
+    || OPD_ARGS+=("opd.teacher_prompt_template=$(hydra_quote "$OPD_TEACHER_PROMPT_TEMPLATE")")
 }
 
 # Print the run's set-up, then replace this shell with the trainer; "$@" are extra hydra overrides.
