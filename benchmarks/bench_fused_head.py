@@ -17,9 +17,7 @@ On cuda the numbers come from ``torch.cuda.max_memory_allocated``; on cpu from `
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -27,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from memtrack import measure_peak_bytes  # noqa: E402
+from measure import median_seconds, peak_bytes  # noqa: E402
 
 from opd.objectives.divergences import chunked_distill_loss  # noqa: E402
 from opd.objectives.engine import OutputHead  # noqa: E402
@@ -53,33 +51,6 @@ def make_step(fused: bool, hidden, weight, teacher, ids, weights, args):
         return loss.detach()
 
     return step
-
-
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def peak_bytes(step, device: str) -> int:
-    if device != "cuda":
-        return measure_peak_bytes(step)
-    sync(device)
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    step()
-    sync(device)
-    return torch.cuda.max_memory_allocated() - base
-
-
-def median_seconds(step, device: str, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        step()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def bench_row(n: int, args) -> list[str]:

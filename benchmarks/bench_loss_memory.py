@@ -20,9 +20,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import os
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from memtrack import measure_peak_bytes  # noqa: E402
+from measure import median_seconds, peak_bytes  # noqa: E402
 
 from opd.objectives.divergences import chunked_distill_loss, get_loss  # noqa: E402
 from opd.objectives.policy_gradient import PG_OBJECTIVES, chunked_token_logp, sampled_token_stats  # noqa: E402
@@ -128,37 +126,12 @@ def _step_fn(impl: str, x: Inputs, args) -> Callable[[], torch.Tensor]:
     return step
 
 
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def peak_extra_bytes(step: Callable[[], torch.Tensor], x: Inputs, device: str) -> int:
     """Peak bytes allocated by one ``step()`` beyond the student-logits gradient."""
     x.student.grad = None
-    if device == "cuda":
-        _sync(device)
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        step()
-        _sync(device)
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        peak = measure_peak_bytes(step)
+    peak = peak_bytes(step, device)
     x.student.grad = None
     return peak - x.grad_bytes
-
-
-def median_seconds(step: Callable[[], torch.Tensor], device: str, repeats: int) -> float:
-    """Median wall time of ``repeats`` synchronised steps (a warm-up step has already run)."""
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        step()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def free_bytes(device: str) -> int:
