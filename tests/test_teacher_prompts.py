@@ -15,6 +15,7 @@ from opd.batch import build_opd_batch, chat_prompt_ids, response_token_ids
 from opd.config import OPDConfig, OPDConfigError
 from opd.teacher_prompts import (
     DEFAULT_TEMPLATE,
+    SOLUTION_TEMPLATE,
     TeacherPromptError,
     check_teacher_prompts,
     context_messages,
@@ -247,3 +248,13 @@ def test_teacher_prompt_defaults_to_the_students(tmp_path):
 def test_bad_config_values_are_named(tmp_path, overrides, message):
     with pytest.raises(OPDConfigError, match=message):
         OPDConfig(teacher_model_path=str(tmp_path), **overrides).validate()
+
+
+def test_built_in_templates_by_name():
+    row = _row(3, extra_info={"solution": "3 + 2 = 5"})
+    by_name = teacher_messages(row, "template", "solution")
+    assert by_name == teacher_messages(row, "template", SOLUTION_TEMPLATE)
+    assert "3 + 2 = 5" in by_name[-1]["content"]
+    assert teacher_messages(row, "template", "answer") == teacher_messages(row, "template", None)
+    named = OPDConfig(teacher_model_path=".", teacher_prompt="template", teacher_prompt_template="solution")
+    assert named.validate().teacher_prompt_template == "solution"

@@ -163,6 +163,8 @@ resolve_model_pair() {
       MODEL_NAME="${MODEL_NAME:-smollm2-135m-privileged}"
       # the privileged prompt is longer than the student's: room for it, so no response tail is cut
       OPD_MAX_LENGTH="${OPD_MAX_LENGTH:-256}"
+      # the worked solution: SmolLM2-135M barely uses a bare answer (docs/benchmarks.md)
+      [[ "$OPD_TEACHER_PROMPT" != template ]] || OPD_TEACHER_PROMPT_TEMPLATE="${OPD_TEACHER_PROMPT_TEMPLATE:-solution}"
     fi
     OPD_EMBEDDED_DEFAULT=1
   elif [[ -z "${MODEL_PATH:-}" ]]; then

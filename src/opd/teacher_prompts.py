@@ -47,6 +47,16 @@ SOLUTION_TEMPLATE = (
 )
 
 _FIELD_OF = {"answer": "reward_model.ground_truth", "solution": "extra_info.solution"}
+# opd.teacher_prompt_template may name a built-in template instead of giving its text
+NAMED_TEMPLATES = {"answer": DEFAULT_TEMPLATE, "solution": SOLUTION_TEMPLATE}
+
+
+def template_text(template: str | None) -> str:
+    """The text of ``opd.teacher_prompt_template``: null = :data:`DEFAULT_TEMPLATE`, 'answer' / 'solution' =
+    the built-in templates, anything else is the template itself."""
+    if template is None:
+        return DEFAULT_TEMPLATE
+    return NAMED_TEMPLATES.get(template, template)
 
 
 class TeacherPromptError(ValueError):
@@ -99,7 +109,7 @@ def teacher_messages(
         row: the row's fields: ``row[prompt_key]`` (the student's messages), and as the mode needs
             ``teacher_prompt``, ``reward_model.ground_truth`` or ``extra_info.solution``.
         mode: ``same``, ``column`` or ``template`` (see the module docstring).
-        template: the ``template`` mode's text; None = :data:`DEFAULT_TEMPLATE`.
+        template: the ``template`` mode's text or the name of a built-in one (:func:`template_text`).
         index: the row's position, for error messages; None = ``extra_info.index`` when present.
 
     Returns:
@@ -114,7 +124,7 @@ def teacher_messages(
     messages = _messages(row.get(prompt_key), where, prompt_key)
     if mode == "same":
         return messages
-    template = DEFAULT_TEMPLATE if template is None else template
+    template = template_text(template)
     last_user = _last_user_message(messages, where, prompt_key)
     values = {
         name: _privileged_value(row, name, where) for name in template_placeholders(template) & {*_FIELD_OF}
@@ -210,7 +220,7 @@ def _needed_columns(mode: str, template: str | None, prompt_key: str) -> list[st
         return [TEACHER_PROMPT_COLUMN]
     if mode == "same":
         return []
-    placeholders = template_placeholders(DEFAULT_TEMPLATE if template is None else template)
+    placeholders = template_placeholders(template_text(template))
     return [prompt_key] + [field for name, field in _FIELD_OF.items() if name in placeholders]
 
 

@@ -128,7 +128,9 @@ class OPDConfig:
     teacher_prompt_template: str | None = None
     """'template' mode: text of the teacher's last user message with ``{prompt}`` (the student's message,
     required), ``{answer}`` (reward_model.ground_truth) and ``{solution}`` (extra_info.solution); literal
-    braces doubled. Null = ``opd.teacher_prompts.DEFAULT_TEMPLATE`` (the answer, to be reasoned to)."""
+    braces doubled. Or the name of a built-in one: 'answer' (= null, ``opd.teacher_prompts.DEFAULT_TEMPLATE``:
+    the answer, to be reasoned to) or 'solution' (``SOLUTION_TEMPLATE``: the worked solution, not to be
+    copied)."""
 
     plot: bool = True
     """Write a PNG of the training curves into the run's output folder at the end."""
@@ -222,7 +224,12 @@ class OPDConfig:
             )
 
     def _validate_teacher_prompt(self) -> None:
-        from opd.teacher_prompts import TEACHER_PROMPT_MODES, TeacherPromptError, template_placeholders
+        from opd.teacher_prompts import (
+            TEACHER_PROMPT_MODES,
+            TeacherPromptError,
+            template_placeholders,
+            template_text,
+        )
 
         if self.teacher_prompt not in TEACHER_PROMPT_MODES:
             raise OPDConfigError(
@@ -236,7 +243,7 @@ class OPDConfig:
                 f"(got {self.teacher_prompt!r})"
             )
         try:
-            template_placeholders(self.teacher_prompt_template)
+            template_placeholders(template_text(self.teacher_prompt_template))
         except TeacherPromptError as error:
             raise OPDConfigError(f"opd.teacher_prompt_template: {error}") from None
 
