@@ -85,3 +85,27 @@ def with_advantages(data: TensorDict, per_sample: list[float]) -> TensorDict:
     ]
     data["advantages"] = torch.nested.as_nested_tensor(rows, layout=torch.jagged)
     return data
+
+
+def recorded_gradients(worker, data, steps: int = 1) -> tuple[list[dict[str, torch.Tensor]], list[dict]]:
+    """The student's gradients as each optimizer step sees them, and the metrics, over ``steps`` updates."""
+    engine, seen, metrics = worker.student, [], []
+    real_step = engine.optimizer_step
+
+    def recording_step():
+        seen.append(
+            {
+                name: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).float().clone()
+                for name, p in engine.module.named_parameters()
+                if p.grad is not None
+            }
+        )
+        return real_step()
+
+    engine.optimizer_step = recording_step
+    try:
+        for _ in range(steps):
+            metrics.append(worker.update_actor(data)["metrics"])
+    finally:
+        engine.optimizer_step = real_step
+    return seen, metrics

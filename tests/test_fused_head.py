@@ -17,7 +17,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 from inprocess import free_port
-from opd_harness import full_state, rollout_batch, tiny_worker, with_advantages, with_rollout_log_probs
+from opd_harness import (
+    full_state,
+    recorded_gradients,
+    rollout_batch,
+    tiny_worker,
+    with_advantages,
+    with_rollout_log_probs,
+)
 from test_hidden_signal import tiny_causal_lm
 from test_inf_teacher import CHUNK, LENGTHS, STEP, TEMPERATURE, make_config, reference, rollout_logp
 from test_pg_losses import policy_config  # noqa: F401  (module-scoped fixture: verl's actor config)
@@ -217,30 +224,6 @@ def tied_student(tmp_path_factory):
     path = tmp_path_factory.mktemp("tied_student")
     build_tiny_model(path, num_layers=2, seed=3, tie_word_embeddings=True)
     return str(path)
-
-
-def recorded_gradients(worker, data, steps: int = 1) -> tuple[list[dict[str, torch.Tensor]], list[dict]]:
-    """The student's gradients as each optimizer step sees them, and the metrics, over ``steps`` updates."""
-    engine, seen, metrics = worker.student, [], []
-    real_step = engine.optimizer_step
-
-    def recording_step():
-        seen.append(
-            {
-                name: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).float().clone()
-                for name, p in engine.module.named_parameters()
-                if p.grad is not None
-            }
-        )
-        return real_step()
-
-    engine.optimizer_step = recording_step
-    try:
-        for _ in range(steps):
-            metrics.append(worker.update_actor(data)["metrics"])
-    finally:
-        engine.optimizer_step = real_step
-    return seen, metrics
 
 
 def hidden_state_forwards(worker) -> list[str]:

@@ -18,7 +18,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from inprocess import free_port
-from opd_harness import rollout_batch, run_rank, tiny_worker
+from opd_harness import recorded_gradients, rollout_batch, run_rank, tiny_worker
 from test_inf_teacher import CHUNK, LENGTHS, STEP, TEMPERATURE, make_config, reference
 from test_loss_memory import row_reading
 from test_worker import models  # noqa: F401  (module-scoped fixture: student, padded-vocabulary teacher)
@@ -265,29 +265,10 @@ def tied_teacher(tmp_path_factory):
     return str(path)
 
 
-def record_gradients(worker) -> list[dict[str, torch.Tensor]]:
-    """Keep a copy of the accumulated student gradients every optimizer step is about to apply."""
-    grads = []
-    step = worker.student.optimizer_step
-
-    def recording_step():
-        grads.append(
-            {
-                name: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).float().clone()
-                for name, p in worker.student.module.named_parameters()
-            }
-        )
-        return step()
-
-    worker.student.optimizer_step = recording_step
-    return grads
-
-
 def one_update(student: str, teacher: str, signal: str, *overrides: str, seed: int = 30):
     """Metrics, gradients of the one optimizer step, and the worker, for 4 samples at lr 0."""
     worker = tiny_worker(student, teacher, LR0, f"++opd.teacher_signal={signal}", *overrides)
-    grads = record_gradients(worker)
-    metrics = worker.update_actor(rollout_batch(4, seed=seed))["metrics"]
+    grads, (metrics,) = recorded_gradients(worker, rollout_batch(4, seed=seed))
     assert len(grads) == 1
     return metrics, grads[0], worker
 
