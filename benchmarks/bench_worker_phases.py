@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 
 # the in-process worker harness lives with the tests, outside the product package
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests")]
 from inprocess import compose_opd_config, make_worker, synthetic_rollout  # noqa: E402
 
 

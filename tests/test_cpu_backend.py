@@ -17,6 +17,7 @@ import torch
 from subprocess_runs import run_in_own_group, step_metrics
 
 from common.cpu_backend import (
+    PACKED_ATTENTION,
     PLUGIN_MODULE,
     ROLLOUT_NAME,
     cpu_hydra_overrides,
@@ -61,7 +62,7 @@ def test_run_env_and_overrides():
     for expected in (
         f"actor_rollout_ref.rollout.name={ROLLOUT_NAME}",
         "actor_rollout_ref.actor.strategy=fsdp2",
-        "++actor_rollout_ref.model.override_config.attn_implementation=sdpa",
+        f"++actor_rollout_ref.model.override_config.attn_implementation={PACKED_ATTENTION}",
         "++ray_kwargs.ray_init.num_gpus=2",
         "trainer.n_gpus_per_node=2",
         "transfer_queue.backend.SimpleStorage.num_data_storage_units=1",
@@ -295,6 +296,21 @@ def test_server_stops_at_stop_token_ids_and_keeps_them(server, monkeypatch):
     assert sizes == [1, 1]
     assert SamplingSpec.from_params({"stop_token_ids": [5, 7]}).stop_token_ids == {5, 7}
     assert SamplingSpec.from_params({}) == SamplingSpec.from_params({"stop_token_ids": None})
+
+
+def test_server_uses_every_core_though_ray_gives_it_one_thread(tiny_model_dir):
+    """Ray sets OMP_NUM_THREADS=1 in an actor that reserves no CPU (the server's case)."""
+    from verl.workers.config import HFModelConfig
+
+    from common.cpu_backend.hf_server import HFRolloutServer
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        HFRolloutServer(_rollout_config(), HFModelConfig(path=str(tiny_model_dir)), 0, "hf-threads")
+        assert torch.get_num_threads() == len(os.sched_getaffinity(0))
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_server_token_budget(server):

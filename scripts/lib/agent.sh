@@ -42,7 +42,7 @@ resolve_database_dir() {
   if [[ -z "${DATABASE_DIR:-}" && -f "$DATA_DIR/documents.jsonl" ]]; then
     DATABASE_DIR="$RUN_DIR/database"
     "$OPD_PYTHON" -m data.build_tool_database --input "$DATA_DIR/documents.jsonl" --output "$DATABASE_DIR" \
-      || die "could not build the search database from $DATA_DIR/documents.jsonl"
+      >/dev/null || die "could not build the search database from $DATA_DIR/documents.jsonl"
   fi
   if [[ -n "${DATABASE_DIR:-}" ]]; then
     "$OPD_PYTHON" -m agent.tools.search --check "$DATABASE_DIR" || die "DATABASE_DIR=$DATABASE_DIR is not usable"

@@ -3,6 +3,7 @@
 What it adds to verl, all through verl's own extension points:
 
 * a ``cpu`` platform (``PlatformRegistry``): device ``cpu``, collectives ``gloo``;
+* attention that keeps remove-padding's packed sequences apart at their own cost (``packed_attention``);
 * the FSDP engines registered for device ``cpu`` (``EngineRegistry``), FSDP2 offload without
   pinned memory, and a ``gloo`` process group (see ``patches``);
 * a Hugging Face ``generate`` rollout named :data:`ROLLOUT_NAME` (``RolloutReplicaRegistry`` +
@@ -27,6 +28,8 @@ from pathlib import Path
 
 ROLLOUT_NAME = "hf"
 PLUGIN_MODULE = "common.cpu_backend.plugin"
+# the attention the trained and scoring models use on CPU (``packed_attention``)
+PACKED_ATTENTION = "opd_packed_sdpa"
 ADAPTER_FQN = "common.cpu_backend.hf_rollout.HFServerAdapter"
 
 
@@ -148,8 +151,8 @@ def cpu_hydra_overrides(n_procs: int = 1, ray_cpus: int | None = None) -> list[s
         # FSDP1 needs a GPU for sync_module_states; FSDP2 runs on gloo.
         f"{arf}.actor.strategy=fsdp2",
         "critic.strategy=fsdp2",
-        # flash-attention is the model default and needs a GPU
-        f"++{arf}.model.override_config.attn_implementation=sdpa",
+        # flash-attention is the model default and needs a GPU; sdpa per packed sequence instead
+        f"++{arf}.model.override_config.attn_implementation={PACKED_ATTENTION}",
         # torch.compile costs minutes of start-up on a few cores
         f"{arf}.actor.use_torch_compile=false",
         f"{arf}.actor.fsdp_config.use_torch_compile=false",

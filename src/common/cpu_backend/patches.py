@@ -1,10 +1,14 @@
-"""The three verl behaviours that assume an accelerator, and what the CPU backend does about them.
+"""The four verl behaviours that assume an accelerator, and what the CPU backend does about them.
 
 1. ``initialize_global_process_group_ray`` builds the backend string ``cpu:gloo,<device>:<backend>``,
    which for device ``cpu`` repeats ``cpu`` and torch rejects it; the replacement asks for ``gloo``.
 2. The FSDP engines are registered for ``cuda`` / ``npu`` only; they are registered for ``cpu`` too.
 3. The FSDP2 engine builds ``CPUOffloadPolicy(pin_memory=True)`` (always for a forward-only ref
    model); pinning needs an accelerator, so the engine gets a policy that never pins.
+4. With remove-padding, verl hands the model one packed row and relies on flash-attention's varlen
+   kernel to keep the sequences apart; without it, sdpa attends over the whole row under a mask. The
+   backend's own attention (``packed_attention``) is registered as soon as transformers' model code is
+   imported, so the engines can load models with it.
 
 Each patch runs when its verl module is first imported (see ``_import_hooks``), so processes that
 never build an engine pay nothing. Every verl attribute these patches read or replace is listed in
@@ -21,6 +25,7 @@ from ._import_hooks import when_imported
 DISTRIBUTED_MODULE = "verl.utils.distributed"
 ENGINE_WORKERS_MODULE = "verl.workers.engine_workers"
 FSDP_ENGINE_MODULE = "verl.workers.engine.fsdp.transformer_impl"
+TRANSFORMERS_MODELING_MODULE = "transformers.modeling_utils"
 
 # (model type, engine class name) pairs of the FSDP engine module to register for device cpu
 FSDP_ENGINES = (("language_model", "FSDPEngineWithLMHead"), ("value_model", "FSDPEngineWithValueHead"))
@@ -93,8 +98,15 @@ def _patch_fsdp_engine(module: ModuleType) -> None:
     setattr(module, _MARK, True)
 
 
+def _register_packed_attention(_module: ModuleType) -> None:
+    from .packed_attention import register
+
+    register()
+
+
 def install() -> None:
     """Install all patches (idempotent); each applies when its module is imported."""
+    when_imported(TRANSFORMERS_MODELING_MODULE, _register_packed_attention)
     when_imported(DISTRIBUTED_MODULE, _patch_distributed)
     when_imported(ENGINE_WORKERS_MODULE, _rebind_distributed_in)
     when_imported(FSDP_ENGINE_MODULE, _patch_fsdp_engine)
