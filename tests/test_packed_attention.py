@@ -99,3 +99,18 @@ def test_sequences_stay_apart_without_transformers_packed_mask(model_dir):
     for attention, separated in ((PACKED_ATTENTION, True), ("sdpa", False)):
         logits = _load(model_dir, attention)(input_ids=ids, position_ids=positions, use_cache=True).logits[0]
         assert torch.allclose(logits, torch.cat(alone), rtol=1e-9, atol=1e-9) is separated, attention
+
+
+def test_sliding_window_layers_keep_sdpa(tmp_path):
+    """A sliding-window layer needs the window in its mask: such layers stay on transformers' sdpa."""
+    folder = build_tiny_model(tmp_path / "qwen2", arch="qwen2", hidden=64, num_layers=2)
+    window = dict(use_sliding_window=True, sliding_window=4, layer_types=["sliding_attention"] * 2)
+    register()
+    ids, positions = _packed_inputs(seed=3)
+    logits = {
+        attention: AutoModelForCausalLM.from_pretrained(
+            folder, dtype=torch.float64, attn_implementation=attention, **window
+        )(input_ids=ids, position_ids=positions, use_cache=False).logits
+        for attention in (PACKED_ATTENTION, "sdpa")
+    }
+    torch.testing.assert_close(logits[PACKED_ATTENTION], logits["sdpa"], rtol=1e-10, atol=1e-10)

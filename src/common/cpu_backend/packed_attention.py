@@ -45,6 +45,7 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, scaling=Non
         and query.shape[0] == 1
         and query.shape[2] == key.shape[2]  # no KV cache: every query sees only its own sequence
         and getattr(module, "is_causal", True)
+        and getattr(module, "sliding_window", None) is None  # sdpa's mask builder applies the window
     )
     bounds = sequence_bounds(position_ids) if packed else None
     if bounds is None:
