@@ -58,6 +58,8 @@ def test_run_env_and_overrides():
     env = cpu_run_env({"VERL_USE_EXTERNAL_MODULES": "other.plugin"})
     assert env["VERL_PLATFORM"] == "cpu"
     assert env["VERL_USE_EXTERNAL_MODULES"].split(",") == ["other.plugin", PLUGIN_MODULE]
+    assert env["OMP_NUM_THREADS"] == str(len(os.sched_getaffinity(0)))
+    assert cpu_run_env({"OMP_NUM_THREADS": "1"})["OMP_NUM_THREADS"] == "1"  # the user's choice wins
     overrides = cpu_hydra_overrides(n_procs=2)
     for expected in (
         f"actor_rollout_ref.rollout.name={ROLLOUT_NAME}",
@@ -296,21 +298,6 @@ def test_server_stops_at_stop_token_ids_and_keeps_them(server, monkeypatch):
     assert sizes == [1, 1]
     assert SamplingSpec.from_params({"stop_token_ids": [5, 7]}).stop_token_ids == {5, 7}
     assert SamplingSpec.from_params({}) == SamplingSpec.from_params({"stop_token_ids": None})
-
-
-def test_server_uses_every_core_though_ray_gives_it_one_thread(tiny_model_dir):
-    """Ray sets OMP_NUM_THREADS=1 in an actor that reserves no CPU (the server's case)."""
-    from verl.workers.config import HFModelConfig
-
-    from common.cpu_backend.hf_server import HFRolloutServer
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        HFRolloutServer(_rollout_config(), HFModelConfig(path=str(tiny_model_dir)), 0, "hf-threads")
-        assert torch.get_num_threads() == len(os.sched_getaffinity(0))
-    finally:
-        torch.set_num_threads(threads)
 
 
 def test_server_token_budget(server):

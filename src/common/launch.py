@@ -29,7 +29,7 @@ from common import cpu_backend
 from common.verl_surface import VerlSurfaceError, check_verl_surface
 
 # Set in the driver and every Ray actor on the CPU backend.
-CPU_ENV_KEYS = ("VERL_PLATFORM", "PYTHONPATH", "TOKENIZERS_PARALLELISM")
+CPU_ENV_KEYS = ("VERL_PLATFORM", "PYTHONPATH", "TOKENIZERS_PARALLELISM", "OMP_NUM_THREADS")
 EXTERNAL_MODULES_VAR = "VERL_USE_EXTERNAL_MODULES"
 
 

@@ -117,7 +117,10 @@ def cpu_run_env(base: dict | None = None) -> dict[str, str]:
     * ``PYTHONPATH`` += the folder holding ``common`` when running from a source tree: Ray workers
       of a local cluster inherit the driver's environment, so they import the plugin even before
       the project is pip-installed;
-    * ``TOKENIZERS_PARALLELISM=false``: avoid fork warnings and oversubscribing the few cores.
+    * ``TOKENIZERS_PARALLELISM=false``: avoid fork warnings and oversubscribing the few cores;
+    * ``OMP_NUM_THREADS`` = the cores this process may run on, unless set: Ray gives an actor that reserves
+      one CPU or none (the training worker, the rollout server) a single torch thread, and the phases of a
+      step take turns (generation, then teacher, then student), so each may use every core.
     """
     env = dict(os.environ if base is None else base)
     env["VERL_PLATFORM"] = "cpu"
@@ -129,6 +132,7 @@ def cpu_run_env(base: dict | None = None) -> dict[str, str]:
     if paths:
         env["PYTHONPATH"] = os.pathsep.join(paths)
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env.setdefault("OMP_NUM_THREADS", str(len(os.sched_getaffinity(0))))
     return env
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from dataclasses import dataclass, field
 
 import torch
@@ -90,9 +89,6 @@ class HFRolloutServer:
         self.replica_rank = replica_rank
         self.address = address
         self.global_steps = None
-        # Ray starts an actor that reserves no CPU with OMP_NUM_THREADS=1 (generation 1.3x slower on two
-        # cores); the trainer waits while the server generates, so the server may use every core it can run on
-        torch.set_num_threads(len(os.sched_getaffinity(0)))
         self.eos_token_ids = _eos_token_ids(model_config)
         self.pad_token_id = _pad_token_id(model_config, self.eos_token_ids)
         self.model = AutoModelForCausalLM.from_pretrained(
