@@ -107,6 +107,12 @@ class PlainOPD:
         mask = torch.cat([encoded["attention_mask"], (~after_eos).long()], dim=1)
         return out, mask, width
 
+    @staticmethod
+    def _forward(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        # left padding: positions count real tokens only, as in generate and in the trainer
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        return model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
+
     @torch.no_grad()
     def sync_weights(self) -> None:
         for target, source in zip(self.sampler.parameters(), self.student.parameters(), strict=True):
@@ -116,7 +122,7 @@ class PlainOPD:
     def teacher_logprobs(self, ids: torch.Tensor, mask: torch.Tensor, width: int) -> list[torch.Tensor]:
         chunks = []
         for rows in torch.split(torch.arange(ids.shape[0]), self.args.micro_batch):
-            logits = self.teacher(input_ids=ids[rows], attention_mask=mask[rows]).logits
+            logits = self._forward(self.teacher, ids[rows], mask[rows])
             chunks.append(torch.log_softmax(logits[:, width - 1 : -1].float(), dim=-1))
         return chunks
 
@@ -128,7 +134,7 @@ class PlainOPD:
         micro_batches = torch.split(torch.arange(ids.shape[0]), self.args.micro_batch)
         for rows, teacher_lp in zip(micro_batches, teacher, strict=True):
             with torch.autocast("cpu", dtype=torch.bfloat16):
-                logits = self.student(input_ids=ids[rows], attention_mask=mask[rows]).logits
+                logits = self._forward(self.student, ids[rows], mask[rows])
             student_lp = torch.log_softmax(logits[:, width - 1 : -1].float(), dim=-1)
             per_token = (student_lp.exp() * (student_lp - teacher_lp)).sum(-1)
             loss = (per_token * response_mask[rows]).sum() / denominator
