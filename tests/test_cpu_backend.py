@@ -54,6 +54,17 @@ def tiny_model(tiny_model_dir):
 # ---------------------------------------------------------------------------- run settings
 
 
+def test_every_ray_actor_gets_the_cpu_env(monkeypatch):
+    """launch passes the CPU variables to Ray's runtime_env: without OMP_NUM_THREADS there, Ray gives an
+    actor that reserves at most one CPU (the training worker, the rollout server) a single torch thread."""
+    from common.launch import backend_env
+
+    monkeypatch.setenv("VERL_PLATFORM", "cpu")
+    env = backend_env(base={"PATH": "/usr/bin"})
+    assert env["OMP_NUM_THREADS"] == str(len(os.sched_getaffinity(0)))
+    assert env["VERL_PLATFORM"] == "cpu" and PLUGIN_MODULE in env["VERL_USE_EXTERNAL_MODULES"]
+
+
 def test_run_env_and_overrides():
     env = cpu_run_env({"VERL_USE_EXTERNAL_MODULES": "other.plugin"})
     assert env["VERL_PLATFORM"] == "cpu"

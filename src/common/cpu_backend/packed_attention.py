@@ -43,7 +43,7 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, scaling=Non
     packed = (
         position_ids is not None
         and query.shape[0] == 1
-        and query.shape[2] == key.shape[2]  # no KV cache: every query sees only its own sequence
+        and query.shape[2] == key.shape[2]  # no earlier tokens from a cache: the row is all there is
         and getattr(module, "is_causal", True)
         and getattr(module, "sliding_window", None) is None  # sdpa's mask builder applies the window
     )
