@@ -3,9 +3,10 @@
 Claims checked here: for every objective and every teacher signal the fused head gives the loss and the
 gradients w.r.t. the hidden states and ``W`` of the float64 reference (the logits ``hidden @ W^T`` through
 plain autograd), for padded heads too; with a bf16 matmul it matches the unfused bf16 head up to bf16
-rounding; the real worker (verl FSDP2, tied and untied embeddings, with and without remove-padding) sees the
-same gradients and ends several steps at the same weights fused or not; a head that is not a plain linear map
-falls back to the model's own head with the reason logged once. ``test_loss_memory.py`` bounds its memory.
+rounding; a divergence computes each chunk's logits once, for its value and gradient; the real worker (verl
+FSDP2, tied and untied embeddings, with and without remove-padding) sees the same gradients and ends several
+steps at the same weights fused or not; a head that is not a plain linear map falls back to the model's own
+head with the reason logged once. ``test_loss_memory.py`` bounds its memory.
 """
 
 from __future__ import annotations
@@ -30,12 +31,13 @@ from test_inf_teacher import CHUNK, LENGTHS, STEP, TEMPERATURE, make_config, ref
 from test_pg_losses import policy_config  # noqa: F401  (module-scoped fixture: verl's actor config)
 from test_worker import models  # noqa: F401  (module-scoped fixture: student, padded-vocabulary teacher)
 from tiny_models import build_tiny_model
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from opd.objectives import MicroBatchTokens, ObjectiveContext, distillation_objective, task_policy_loss
-from opd.objectives.divergences import LOSS_REGISTRY
+from opd.objectives.divergences import LOSS_REGISTRY, chunked_distill_loss
 from opd.objectives.engine import OutputHead
 from opd.objectives.policy_gradient import PG_OBJECTIVES
-from opd.objectives.teacher_signal import CachedSignal, SignalSpec, signal_from_logits
+from opd.objectives.teacher_signal import CachedSignal, HiddenTimesHead, SignalSpec, signal_from_logits
 from opd.objectives.topk import TOPK_LOSS
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -129,6 +131,53 @@ def test_fused_head_is_the_float64_reference(loss_type, signal_kind, heads, poli
     if loss_type not in PG_OBJECTIVES and v_s > v_t:
         assert torch.all(weight_grad[v_t:] == 0)
     assert float(weight_grad.abs().max()) > 0 and float(hidden_grad.abs().max()) > 0
+
+
+class MatmulShapes(TorchDispatchMode):
+    """Records the output shape of every matrix product run while it is active."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes: list[tuple[int, ...]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_):
+            self.shapes.append(tuple(out.shape))
+        return out
+
+
+@pytest.mark.parametrize("loss_type", ["reverse_kl", "jsd"])
+def test_each_chunk_computes_its_logits_once(loss_type):
+    """Value and gradient come from one computation of each chunk's logits: with the fused head and the
+    hidden signal, four products per row range in forward (student and teacher logits, the gradients of the
+    hidden states and of W) and none in backward. A second backward through the retained graph recomputes
+    and gives the same gradients."""
+    v = 31
+    hidden, weight, teacher_hidden, teacher_head, ids, weights = random_head(v, v, seed=81)
+    hidden.requires_grad_(True)
+    weight.requires_grad_(True)
+    teacher = HiddenTimesHead(teacher_hidden, teacher_head)
+    with MatmulShapes() as forward:
+        loss, _ = chunked_distill_loss(
+            OutputHead(hidden, weight, torch.float64),
+            teacher,
+            ids,
+            weights,
+            chunk_size=CHUNK,
+            loss_type=loss_type,
+        )
+    with MatmulShapes() as backward:
+        loss.backward(retain_graph=True)
+    logits = [shape for shape in forward.shapes if shape[1] == v]
+    # student and teacher logits alternate, each row once
+    assert sum(rows for rows, _ in logits[::2]) == TOKENS and logits[::2] == logits[1::2], forward.shapes
+    assert len(forward.shapes) == 2 * len(logits), forward.shapes
+    assert backward.shapes == []
+    first = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad, weight.grad = None, None
+    loss.backward()
+    torch.testing.assert_close((hidden.grad, weight.grad), first, rtol=1e-12, atol=1e-15)
 
 
 def test_tip_probe_and_task_loss_through_the_fused_head(policy_config):  # noqa: F811

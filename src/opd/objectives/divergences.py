@@ -37,9 +37,8 @@ from opd.objectives.engine import (
     Student,
     entropy_,
     gather_rows,
-    masked_weighted_sum,
     params_for,
-    run_chunked,
+    run_chunked_weighted,
     student_device,
     student_shape,
 )
@@ -422,29 +421,52 @@ class _FullVocabulary(ChunkMath):
         }
         self.buffers = None if divergence.buffers is None else max(2, divergence.buffers)
 
-    def forward(self, chunk: Chunk):
+    @property
+    def eager_buffers(self) -> int | None:
+        # the value and the gradient each overwrite both log-probs, so the gradient gets copies of the two
+        return None if self.buffers is None else self.buffers + 2
+
+    def _teacher_and_stats(self, chunk: Chunk) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """The chunk's teacher log-probs (a new buffer) and the stats, before anything overwrites them."""
         ids = self.token_ids[chunk.rows]
         student_logp = chunk.student_logp
         sampled = gather_rows(student_logp, ids)
         # the teacher's buffer serves as scratch first, before the teacher's rows arrive in it
-        teacher_buffer = chunk.new_buffer()
-        entropy = entropy_(student_logp, teacher_buffer)
-        floored = teacher_log_probs_(self.teacher, chunk.rows, teacher_buffer, self.temperature)
-        teacher_sampled = gather_rows(teacher_buffer, ids)
-        value = self.divergence.value or self.divergence.fn
-        divergence = value(student_logp, teacher_buffer, **self.params[value])
+        teacher_logp = chunk.new_buffer()
+        entropy = entropy_(student_logp, teacher_logp)
+        floored = teacher_log_probs_(self.teacher, chunk.rows, teacher_logp, self.temperature)
+        teacher_sampled = gather_rows(teacher_logp, ids)
         stats = (sampled, teacher_sampled, entropy, floored)
-        return divergence, tuple(s.to(torch.float32) for s in stats)
+        return teacher_logp, tuple(s.to(torch.float32) for s in stats)
+
+    def _value(self, student_logp: torch.Tensor, teacher_logp: torch.Tensor) -> torch.Tensor:
+        value = self.divergence.value or self.divergence.fn
+        return value(student_logp, teacher_logp, **self.params[value])
+
+    def _logit_grad(self, student_logp: torch.Tensor, teacher_logp: torch.Tensor) -> torch.Tensor:
+        logit_grad = self.divergence.logit_grad
+        if logit_grad is not None:
+            return logit_grad(student_logp, teacher_logp, **self.params[logit_grad])
+        fn = self.divergence.fn
+        return _autograd_logit_grad(fn, student_logp, teacher_logp, self.params[fn])
+
+    def forward(self, chunk: Chunk):
+        teacher_logp, stats = self._teacher_and_stats(chunk)
+        return self._value(chunk.student_logp, teacher_logp), stats
 
     def backward(self, chunk: Chunk) -> torch.Tensor:
         teacher_logp = chunk.new_buffer()
         teacher_log_probs_(self.teacher, chunk.rows, teacher_logp, self.temperature)
-        logit_grad = self.divergence.logit_grad
-        if logit_grad is not None:
-            return logit_grad(chunk.student_logp, teacher_logp, **self.params[logit_grad])
-        return _autograd_logit_grad(
-            self.divergence.fn, chunk.student_logp, teacher_logp, self.params[self.divergence.fn]
-        )
+        return self._logit_grad(chunk.student_logp, teacher_logp)
+
+    def forward_and_backward(self, chunk: Chunk):
+        """One teacher read (or teacher-head matmul) per chunk serves the value and the gradient."""
+        teacher_logp, stats = self._teacher_and_stats(chunk)
+        student_copy = chunk.new_buffer().copy_(chunk.student_logp)
+        teacher_copy = chunk.new_buffer().copy_(teacher_logp)
+        values = self._value(chunk.student_logp, teacher_logp)
+        del teacher_logp
+        return values, stats, self._logit_grad(student_copy, teacher_copy)
 
 
 def _autograd_logit_grad(fn: LossFn, student_logp, teacher_logp, params) -> torch.Tensor:
@@ -536,14 +558,14 @@ def chunked_distill_loss(
     _check_tensors(student, teacher, token_ids, token_weights)
     vocab = min(student_shape(student)[1], teacher.shape[1])
     math_ = _FullVocabulary(divergence, params, teacher, token_ids, float(temperature))
-    values, (sampled, teacher_sampled, entropy, floored) = run_chunked(
-        math_, student, chunk_size=chunk_size, temperature=temperature, vocab=vocab
+    loss, values, (sampled, teacher_sampled, entropy, floored) = run_chunked_weighted(
+        math_, student, token_weights, chunk_size=chunk_size, temperature=temperature, vocab=vocab
     )
     stats = TokenStats(
-        divergence=values.detach().to(torch.float32),
+        divergence=values.to(torch.float32),
         student_logp=sampled,
         teacher_logp=teacher_sampled,
         student_entropy=entropy,
         teacher_floored=floored,
     )
-    return masked_weighted_sum(values, token_weights), stats
+    return loss, stats

@@ -1,20 +1,30 @@
-"""The chunk engine every objective runs on: chunking, recomputation in backward, the dtype rule, memory.
+"""The chunk engine every objective runs on: chunking, the gradient pass, the dtype rule, memory.
 
 Notation: ``N`` student rows (response tokens), ``V`` the vocabulary columns a pass reads (the shared ids
 ``< V``, or the student's whole head for the policy-gradient ratio), ``T`` the temperature and
 ``z = logits / T``.
 
 An objective states only its per-chunk math (a :class:`ChunkMath`): from one chunk's student log-probs
-``log_softmax(z)`` it returns a per-row value ``d_i`` and detached per-row stats, and in backward the
-closed-form gradient ``d d_i / d z_i``. The engine walks the rows in chunks, in forward and again in
-backward, where it recomputes each chunk's log-probs instead of keeping anything from forward, scales the
-gradient by the incoming ``d loss / d d_i`` (rows where that is 0 get exactly 0, whatever their teacher
-rows hold) and hands it to the student's rows:
+``log_softmax(z)`` it returns a per-row value ``d_i`` and detached per-row stats, and the closed-form
+gradient ``d d_i / d z_i``. The engine walks the rows in chunks and hands each chunk's gradient, scaled by
+``d loss / d d_i`` (rows where that is 0 get exactly 0, whatever their teacher rows hold), to the student's
+rows. It has two ways to do that:
+
+- :func:`run_chunked_weighted`, for a loss ``sum_i w_i d_i`` whose weights are known up front (every
+  divergence objective): one pass computes each chunk's log-probs (and teacher rows) once and takes the value
+  and the gradient from them together (:meth:`ChunkMath.forward_and_backward`), so a fused chunk costs one
+  logits matmul, not two, and a host-side teacher chunk one copy. The gradients exist from forward on;
+  backward scales them by ``d loss / d sum`` and hands them over. A second backward through a retained graph
+  recomputes them as below.
+- :func:`run_chunked`, for per-row values that other code transforms (the policy-gradient ratio): forward
+  returns the values, and backward recomputes each chunk's log-probs instead of keeping anything from forward.
+
+The student's rows:
 
 - unfused, the student is its logits ``[N, V_s]`` (any float dtype) and the gradient lands in them;
 - fused (:class:`OutputHead`), the student is its final hidden states ``[N, H]`` and output head
   ``W [V_s, H]``: each chunk computes its logits ``hidden @ W^T`` in the head's matmul dtype (the autocast
-  dtype, as the model's own head would), and backward sends ``g @ W`` to the hidden states and accumulates
+  dtype, as the model's own head would), and the gradient pass sends ``g @ W`` to the hidden states and adds
   ``g^T @ hidden`` into ``W``'s gradient, chunk by chunk, so no ``[N, V]`` logits or logit gradient exist.
   The backward products run in the matmul dtype too; ``W``'s gradient is summed over the chunks in the
   compute dtype.
@@ -29,8 +39,10 @@ its inputs and outputs (the per-row values and stats, the student's gradient). N
 a fused head, a bf16 teacher chunk copied from the host) is written into the tail of the buffer it becomes
 and widened there (:func:`widen_tail_`), never into a separate ``[rows, V]`` tensor. A fused head whose
 weight is not in its matmul dtype is cast once per pass (``[V, H]``), as autocast casts the model's own
-head. Backward syncs with the device once per chunk, to skip chunks whose rows
-all have a zero gradient; forward never does.
+head. The single pass of :func:`run_chunked_weighted` holds more buffers per row (the math's
+``eager_buffers``: copies of the log-probs for the gradient), so it steps fewer rows at a time, within the
+same bound. Chunks whose rows all have weight 0 (a zero gradient) get no gradient work: the weighted pass
+finds them with one device sync, the recomputing backward with one per chunk; a plain forward never syncs.
 """
 
 from __future__ import annotations
@@ -238,6 +250,21 @@ class ChunkMath(ABC):
         """``d value_i / d z_i`` for the chunk's rows, ``[c, V]`` in the compute dtype (may be a buffer)."""
         raise NotImplementedError(f"{type(self).__name__} has no gradient")
 
+    def forward_and_backward(self, chunk: Chunk):
+        """:meth:`forward` and :meth:`backward` of one chunk from one computation of its log-probs: values
+        ``[c]``, stats and ``d value_i / d z_i`` ``[c, V]``.
+
+        Both may overwrite the log-probs, so backward gets a copy (one more buffer, see ``eager_buffers``).
+        """
+        kept = chunk.new_buffer().copy_(chunk.student_logp)
+        values, stats = self.forward(chunk)
+        return values, stats, self.backward(Chunk(chunk.rows, kept))
+
+    @property
+    def eager_buffers(self) -> int | None:
+        """``[rows, V]`` buffers :meth:`forward_and_backward` holds at once (None when unknown)."""
+        return None if self.buffers is None else self.buffers + 1
+
 
 @dataclass(frozen=True)
 class PassSetup:
@@ -352,18 +379,31 @@ def _student_rows(tensors: tuple[torch.Tensor, ...], setup: PassSetup, matmul_dt
 # ----------------------------------------------------------------------------------------------------
 
 
-def _forward_chunk(math: ChunkMath, student, rows: slice):
-    """One chunk's values and stats; a function of its own so its buffers are freed on return."""
-    return math.forward(Chunk(rows, student.log_probs(rows)))
+def _forward_chunk(math: ChunkMath, student, rows: slice, weighted):
+    """One chunk's values and stats, and with ``weighted`` its gradient too; a function of its own so its
+    buffers are freed on return."""
+    if weighted is None:
+        return math.forward(Chunk(rows, student.log_probs(rows)))
+    weights, grads = weighted
+    values, stats, grad = math.forward_and_backward(Chunk(rows, student.log_probs(rows)))
+    _to_student(student, grads, rows, grad, weights[rows])
+    return values, stats
 
 
-def _forward_pass(math: ChunkMath, student, num_rows: int, setup: PassSetup):
-    """Values ``[N]`` (compute dtype) and the stats, chunk by chunk."""
+def _forward_pass(math: ChunkMath, student, num_rows: int, setup: PassSetup, weighted=None):
+    """Values ``[N]`` (compute dtype) and the stats, chunk by chunk.
+
+    With ``weighted = (weights [N], grads)`` each chunk with a nonzero weight also adds its share of the
+    gradient of ``sum_i w_i value_i`` to ``grads`` (``zero_grads`` of the student's rows).
+    """
     device = student.device
     values = torch.empty(num_rows, dtype=setup.dtype, device=device)
     stats: list[torch.Tensor] | None = None
-    for rows in setup.steps(num_rows, math.buffers):
-        chunk_values, chunk_stats = _forward_chunk(math, student, rows)
+    steps = list(setup.steps(num_rows, math.buffers if weighted is None else math.eager_buffers))
+    # one device sync for the pass, not one per chunk
+    live = [True] * len(steps) if weighted is None else _live_chunks(weighted[0], steps)
+    for rows, with_grad in zip(steps, live, strict=True):
+        chunk_values, chunk_stats = _forward_chunk(math, student, rows, weighted if with_grad else None)
         values[rows] = chunk_values
         if stats is None:
             stats = [torch.empty((num_rows, *s.shape[1:]), dtype=s.dtype, device=device) for s in chunk_stats]
@@ -372,15 +412,20 @@ def _forward_pass(math: ChunkMath, student, num_rows: int, setup: PassSetup):
     return values, tuple(stats)
 
 
-def _backward_chunk(math: ChunkMath, student, rows: slice, grad_values: torch.Tensor, grads) -> None:
-    """Scale the chunk's ``d value / d z`` by ``grad_values`` ``[c]`` and pass it to the student's rows."""
+def _to_student(student, grads, rows: slice, grad: torch.Tensor, grad_values: torch.Tensor) -> None:
+    """Scale the chunk's ``d value / d z`` ``[c, V]`` by ``grad_values`` ``[c]`` and pass it to the student's
+    rows."""
     setup = student.setup
-    grad = math.backward(Chunk(rows, student.log_probs(rows)))
     # the chain rule through z = logits / T, folded into one row scale
     grad.mul_((grad_values.to(setup.dtype) / setup.temperature).unsqueeze(-1))
     # rows outside the loss may hold a nan teacher row: 0 * nan would leak without this
     grad.masked_fill_((grad_values == 0).unsqueeze(-1), 0.0)
     student.accumulate(grads, rows, grad)
+
+
+def _backward_chunk(math: ChunkMath, student, rows: slice, grad_values: torch.Tensor, grads) -> None:
+    grad = math.backward(Chunk(rows, student.log_probs(rows)))
+    _to_student(student, grads, rows, grad, grad_values)
 
 
 class _ChunkedRows(torch.autograd.Function):
@@ -403,18 +448,100 @@ class _ChunkedRows(torch.autograd.Function):
     def backward(ctx, grad_values, *_stat_grads):
         """grad_values [N] -> gradients of the student tensors (None for the rest)."""
         tensors = ctx.saved_tensors
-        needed = ctx.needs_input_grad[3:]
-        if grad_values is None or not any(needed):
-            return (None, None, None, *(None for _ in tensors))
-        student = _student_rows(tensors, ctx.setup, ctx.matmul_dtype)
-        grads = student.zero_grads(needed)
-        with torch.autocast(tensors[0].device.type, enabled=False):
-            for rows in ctx.setup.steps(tensors[0].shape[0], ctx.math.buffers):
-                chunk_grad = grad_values[rows]
-                if not bool((chunk_grad != 0).any()):
-                    continue
-                _backward_chunk(ctx.math, student, rows, chunk_grad, grads)
+        grads = _recomputed_grads(
+            ctx.math, ctx.setup, ctx.matmul_dtype, tensors, ctx.needs_input_grad[3:], grad_values
+        )
         return (None, None, None, *grads)
+
+
+def _recomputed_grads(math: ChunkMath, setup: PassSetup, matmul_dtype, tensors, needed, grad_values):
+    """The student tensors' gradients for ``grad_values`` ``[N]`` (d loss / d value_i), recomputing each
+    chunk's log-probs; None for a tensor that needs none."""
+    if grad_values is None or not any(needed):
+        return tuple(None for _ in tensors)
+    student = _student_rows(tensors, setup, matmul_dtype)
+    grads = student.zero_grads(needed)
+    with torch.autocast(tensors[0].device.type, enabled=False):
+        for rows in setup.steps(tensors[0].shape[0], math.buffers):
+            chunk_grad = grad_values[rows]
+            if not bool((chunk_grad != 0).any()):
+                continue
+            _backward_chunk(math, student, rows, chunk_grad, grads)
+    return tuple(grads)
+
+
+def _live_chunks(weights: torch.Tensor, steps: list[slice]) -> list[bool]:
+    """Per row range: does any row have a nonzero weight?"""
+    return torch.stack([(weights[rows] != 0).any() for rows in steps]).tolist()
+
+
+class _ChunkedWeightedSum(torch.autograd.Function):
+    """``sum_i w_i value_i`` with its gradient computed in forward, chunk by chunk (module docstring)."""
+
+    @staticmethod
+    def forward(ctx, math: ChunkMath, setup: PassSetup, matmul_dtype, weights: torch.Tensor, *tensors):
+        """tensors: student logits, or hidden states and head -> the sum, values [N] and the math's stats."""
+        student = _student_rows(tensors, setup, matmul_dtype)
+        grads = student.zero_grads(ctx.needs_input_grad[4:])
+        with torch.autocast(tensors[0].device.type, enabled=False):
+            values, stats = _forward_pass(math, student, tensors[0].shape[0], setup, (weights, grads))
+        # kept as they are, not saved: backward hands them over instead of reading them
+        ctx.grads = grads
+        ctx.save_for_backward(weights, *tensors)
+        ctx.math, ctx.setup, ctx.matmul_dtype = math, setup, matmul_dtype
+        ctx.mark_non_differentiable(values, *stats)
+        return (masked_weighted_sum(values, weights), values, *stats)
+
+    @staticmethod
+    def backward(ctx, grad_sum, *_other_grads):
+        """grad_sum: scalar d loss / d sum -> the student tensors' gradients (None for the rest)."""
+        if ctx.grads is not None:
+            # handed over, so nothing holds them once the next node is done with them
+            grads, ctx.grads = ctx.grads, None
+            return (None, None, None, None, *(None if g is None else g.mul_(grad_sum) for g in grads))
+        # a second backward through a retained graph: recomputed, as run_chunked's backward does
+        weights, *tensors = ctx.saved_tensors
+        grad_values = None if grad_sum is None else weights.to(grad_sum.dtype) * grad_sum
+        grads = _recomputed_grads(
+            ctx.math, ctx.setup, ctx.matmul_dtype, tensors, ctx.needs_input_grad[4:], grad_values
+        )
+        return (None, None, None, None, *grads)
+
+
+def _unpack_student(student: Student):
+    if isinstance(student, OutputHead):
+        return (student.hidden, student.weight), student.matmul_dtype
+    return (student,), None
+
+
+def run_chunked_weighted(
+    math: ChunkMath,
+    student: Student,
+    weights: torch.Tensor,
+    *,
+    chunk_size: int,
+    temperature: float,
+    vocab: int,
+) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
+    """``sum_i weights_i value_i`` over the student's rows (differentiable), the values ``[N]`` and stats.
+
+    The weights are known before the values, so the gradient of the sum needs no second pass: each chunk's
+    log-probs (the logits matmul of a fused head) and teacher rows are computed once, for the value and the
+    gradient together (:meth:`ChunkMath.forward_and_backward`). ``weights`` ``[N]`` are data, never
+    differentiated; a row with weight 0 contributes exactly 0 to the sum and the gradient. ``vocab`` as in
+    :func:`run_chunked`.
+    """
+    check_chunk_and_temperature(chunk_size, float(temperature))
+    setup = PassSetup(chunk_size, float(temperature), vocab, compute_dtype(student))
+    tensors, matmul_dtype = _unpack_student(student)
+    weights = weights.detach()
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        total, values, *stats = _ChunkedWeightedSum.apply(math, setup, matmul_dtype, weights, *tensors)
+        return total, values, tuple(stats)
+    with torch.no_grad():
+        rows = _student_rows(tensors, setup, matmul_dtype)
+        values, stats = _forward_pass(math, rows, tensors[0].shape[0], setup)
+        return masked_weighted_sum(values, weights), values, stats
 
 
 def run_chunked(
@@ -427,10 +554,7 @@ def run_chunked(
     """
     check_chunk_and_temperature(chunk_size, float(temperature))
     setup = PassSetup(chunk_size, float(temperature), vocab, compute_dtype(student))
-    if isinstance(student, OutputHead):
-        tensors, matmul_dtype = (student.hidden, student.weight), student.matmul_dtype
-    else:
-        tensors, matmul_dtype = (student,), None
+    tensors, matmul_dtype = _unpack_student(student)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         values, *stats = _ChunkedRows.apply(math, setup, matmul_dtype, *tensors)
         return values, tuple(stats)

@@ -33,8 +33,7 @@ from opd.objectives.engine import (
     entropy_,
     gather_rows,
     logsumexp_,
-    masked_weighted_sum,
-    run_chunked,
+    run_chunked_weighted,
     student_device,
     student_shape,
 )
@@ -187,8 +186,8 @@ def chunked_topk_forward_kl(
     vocab = _student_vocab(student, vocab_limit)
     _check_topk_tensors(student, signal, token_ids, token_weights, vocab)
     math_ = _TopKForwardKL(signal, token_ids, compute_dtype(student))
-    values, (sampled, entropy) = run_chunked(
-        math_, student, chunk_size=chunk_size, temperature=temperature, vocab=vocab
+    loss, values, (sampled, entropy) = run_chunked_weighted(
+        math_, student, token_weights, chunk_size=chunk_size, temperature=temperature, vocab=vocab
     )
     # Signal-only stats: [N, k] work, no student rows involved, so no chunking needed.
     with torch.no_grad():
@@ -196,11 +195,11 @@ def chunked_topk_forward_kl(
         in_topk = (signal.ids == token_ids.to(signal.ids.dtype).unsqueeze(-1)).any(dim=-1).float()
         floored = (signal.logp.amin(dim=-1) < TEACHER_LOGP_FLOOR).float()
     stats = TopKTokenStats(
-        divergence=values.detach().to(torch.float32),
+        divergence=values.to(torch.float32),
         student_logp=sampled,
         teacher_topk_mass=mass,
         sampled_in_topk=in_topk,
         student_entropy=entropy,
         teacher_floored=floored,
     )
-    return masked_weighted_sum(values, token_weights), stats
+    return loss, stats
