@@ -6,8 +6,9 @@ loss); its naive baseline takes a whole-batch fp32 log-softmax.
 
 "Peak extra" is the peak memory allocated during forward + backward minus the gradient of the student logits
 (``N * V_s * elem_size``), which any implementation must materialise. Inputs exist before measurement starts.
-The forward's peak happens before that gradient exists, so when the gradient is larger than the forward's
-chunk buffers the figure shows the backward's extra (tests/test_loss_memory.py bounds the forward on its own).
+The chunked divergence computes that gradient in forward, next to its chunk buffers; the naive loss and the
+policy-gradient path create it in backward, after the forward's peak, so where the gradient is larger than
+their forward's buffers their figure shows the backward's extra (tests/test_loss_memory.py bounds each pass).
 
     python benchmarks/bench_loss_memory.py --device cuda --vocab 151936 --tokens 1024,4096,8192 --chunk 1024
     python benchmarks/bench_loss_memory.py --device cpu --vocab 32000 --tokens 256,1024,2048 --chunk 256
