@@ -633,6 +633,9 @@ def plot(records: list[dict], path: str) -> None:
     for (i, loss), (j, (vocab, hidden)) in itertools.product(enumerate(losses), enumerate(shapes)):
         ax = axes[i][j]
         panel = [r for r in records if r["loss"] == loss and (r["V"], r["H"]) == (vocab, hidden)]
+        if not panel:  # a loss measured at fewer shapes than another
+            ax.set_visible(False)
+            continue
         missing = []
         for method in sorted({r["method"] for r in panel}, key=lambda m: (METHODS + (m,)).index(m)):
             rows = sorted((r for r in panel if r["method"] == method), key=lambda r: r["N"])
